@@ -1,0 +1,820 @@
+"""Persistent job history for MASUKA (SQLite in WAL mode).
+
+One ``jobs`` table in ``<home>/masuka.db`` (whatever path the caller passes)
+records every generation: who asked, the parameters, the LoRAs, the seeds that
+were actually used, the output files, and how the job ended.
+
+Concurrency model
+-----------------
+* Several processes may share the database file (WAL mode, busy timeout).
+* A :class:`JobStore` is used from many threads of a web server: each thread
+  gets its own connection (connections of threads that have ended are closed
+  when the next new thread connects).  Connections run in autocommit mode and
+  every write is one short ``BEGIN IMMEDIATE`` transaction.
+* Status transitions are a single conditional ``UPDATE ... WHERE status IN
+  (...)`` so two threads or processes can never both move the same job.
+
+Status machine::
+
+    queued  -> running | cancelled | interrupted
+    running -> completed | failed | cancelled | interrupted
+    final (completed, failed, cancelled, interrupted) never changes
+
+Records returned by :meth:`JobStore.get` / :meth:`JobStore.list` never contain
+a key named ``"path"`` anywhere (a client library downloads such values as
+files): such keys inside ``params`` are stored as ``"file_path"``.
+
+Nothing happens at import time: no connection, no mkdir, no pandas import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+
+try:  # psutil is a dependency, but degrade gracefully if it is missing.
+    import psutil
+except ImportError:  # pragma: no cover - exercised only without psutil
+    psutil = None
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas
+
+__all__ = [
+    "JOB_STATUSES",
+    "FINAL_STATUSES",
+    "ACTIVE_STATUSES",
+    "ALLOWED_TRANSITIONS",
+    "DATAFRAME_COLUMNS",
+    "SCHEMA_VERSION",
+    "ProcessOwner",
+    "JobNotFound",
+    "JobStore",
+]
+
+logger = logging.getLogger(__name__)
+
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
+FINAL_STATUSES = {"completed", "failed", "cancelled", "interrupted"}
+ACTIVE_STATUSES = ("queued", "running")
+
+# target status -> statuses it may be reached from
+ALLOWED_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "running": ("queued",),
+    "completed": ("running",),
+    "failed": ("running",),
+    "cancelled": ("queued", "running"),
+    "interrupted": ("queued", "running"),
+}
+
+DATAFRAME_COLUMNS = (
+    "job_id",
+    "created_at",
+    "status",
+    "prompt",
+    "lora",
+    "seed",
+    "steps",
+    "duration_s",
+    "error",
+)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+MAX_LIST_LIMIT = 100_000
+MAX_ERROR_CHARS = 10_000
+MAX_TRACEBACK_CHARS = 100_000
+_ID_ATTEMPTS = 5
+_START_TIME_TOLERANCE_S = 1.0
+_FORBIDDEN_KEY = "path"
+_RENAMED_KEY = "file_path"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id           TEXT PRIMARY KEY,
+    owner_pid        INTEGER,
+    owner_host       TEXT,
+    owner_started_at REAL,
+    user             TEXT,
+    session          TEXT,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    status           TEXT NOT NULL,
+    prompt           TEXT,
+    model            TEXT,
+    width            INTEGER,
+    height           INTEGER,
+    steps            INTEGER,
+    guidance         REAL,
+    num_images       INTEGER,
+    seed             INTEGER,
+    seeds            TEXT NOT NULL DEFAULT '[]',
+    loras            TEXT NOT NULL DEFAULT '[]',
+    params           TEXT NOT NULL DEFAULT '{}',
+    outputs          TEXT NOT NULL DEFAULT '[]',
+    duration_s       REAL,
+    error            TEXT,
+    traceback        TEXT,
+    notes            TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user);
+CREATE INDEX IF NOT EXISTS jobs_session ON jobs (session);
+"""
+
+_JSON_COLUMNS = {"seeds": list, "loras": list, "params": dict, "outputs": list, "notes": list}
+
+_RECORD_KEYS = (
+    "job_id",
+    "status",
+    "user",
+    "session",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "prompt",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "num_images",
+    "seed",
+    "seeds",
+    "loras",
+    "params",
+    "outputs",
+    "error",
+    "traceback",
+    "notes",
+)
+
+
+# --------------------------------------------------------------------------- owner
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+def _process_create_time(pid: int) -> float | None:
+    """Start time of ``pid`` (epoch seconds) or None when unknown / no such process."""
+    if psutil is None:
+        return None
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessOwner:
+    """The process that created (and is executing) a job."""
+
+    pid: int
+    host: str
+    started_at: float  # the process start time, epoch seconds
+
+    @classmethod
+    def current(cls) -> ProcessOwner:
+        pid = os.getpid()
+        started = _process_create_time(pid)
+        if started is None:
+            logger.debug("process start time unavailable for pid %d; using now", pid)
+            started = time.time()
+        return cls(pid=pid, host=_hostname(), started_at=started)
+
+    def is_alive(self) -> bool:
+        """Whether the owning process is still running.
+
+        Same host: the pid must exist, not be a zombie, and have a start time
+        within 1 s of ``started_at`` (so a recycled pid is not mistaken for the
+        owner).  Another host: cannot tell, assume alive.
+        """
+        if self.host != _hostname():
+            return True
+        if not isinstance(self.pid, int) or self.pid <= 0:
+            return False
+        if psutil is None:  # pragma: no cover - fallback without psutil
+            return _pid_exists_without_psutil(self.pid)
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            created = float(proc.create_time())
+        except psutil.NoSuchProcess:  # includes ZombieProcess
+            return False
+        except psutil.AccessDenied:
+            logger.debug("access denied inspecting pid %d; assuming it is alive", self.pid)
+            return True
+        if self.started_at is None:
+            return False
+        return abs(created - float(self.started_at)) <= _START_TIME_TOLERANCE_S
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "host": self.host, "started_at": self.started_at}
+
+
+def _pid_exists_without_psutil(pid: int) -> bool:  # pragma: no cover - fallback
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------- errors
+
+
+class JobNotFound(KeyError):
+    """No job with this id."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job not found: {self.job_id!r}"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON serializable: {value!r} ({exc})") from exc
+
+
+def _strip_path_keys(value: Any) -> Any:
+    """Return a copy of ``value`` where no dict key is named "path"."""
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            new_key = key
+            if key == _FORBIDDEN_KEY:
+                new_key = _RENAMED_KEY
+                if _RENAMED_KEY in value:
+                    logger.warning("dropping key %r: %r is also present", key, _RENAMED_KEY)
+                    continue
+            out[new_key] = _strip_path_keys(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_strip_path_keys(item) for item in value]
+    return value
+
+
+def _loads(text: str | None, kind: type, column: str, job_id: str) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        logger.warning("job %s: column %s holds invalid JSON; ignoring it", job_id, column)
+        return kind()
+    if not isinstance(value, kind):
+        logger.warning("job %s: column %s is not a %s; ignoring it", job_id, column, kind.__name__)
+        return kind()
+    return _strip_path_keys(value)
+
+
+def _maybe_int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number != int(number):
+        return None
+    return int(number)
+
+
+def _maybe_float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _check_job_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"job id must be a non-empty string, got {job_id!r}")
+    return job_id
+
+
+def _check_seeds(seeds: Any) -> list[int]:
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
+    out = []
+    for seed in seeds:
+        number = _maybe_int(seed)
+        if number is None:
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        out.append(number)
+    return out
+
+
+def _check_strings(values: Any, what: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{what} must be a list of strings, got {values!r}")
+    out = []
+    for value in values:
+        if isinstance(value, PurePath):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{what} entries must be strings, got {value!r}")
+        out.append(value)
+    return out
+
+
+def _normalize_loras(loras: Any) -> list[dict[str, Any]]:
+    if loras is None:
+        return []
+    if isinstance(loras, (str, bytes, Mapping)) or not hasattr(loras, "__iter__"):
+        raise ValueError(f"loras must be a list of {{'name', 'scale'}} dicts, got {loras!r}")
+    out = []
+    for lora in loras:
+        if not isinstance(lora, Mapping):
+            raise ValueError(f"lora entry must be a dict with 'name' and 'scale', got {lora!r}")
+        name = lora.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"lora name must be a non-empty string, got {name!r}")
+        scale = _maybe_float(lora.get("scale", 1.0))
+        if scale is None:
+            raise ValueError(f"lora scale must be a finite number, got {lora.get('scale')!r}")
+        out.append({"name": name, "scale": scale})
+    return out
+
+
+def _clip(text: Any, limit: int, what: str) -> str:
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        text = str(text)
+    if len(text) > limit:
+        logger.debug("%s truncated from %d to %d characters", what, len(text), limit)
+        text = text[: limit - 15] + "\n...[truncated]"
+    return text
+
+
+def _casefold(text: Any) -> str:
+    return text.casefold() if isinstance(text, str) else ""
+
+
+def _format_scale(scale: Any) -> str:
+    number = _maybe_float(scale)
+    return f"{number:g}" if number is not None else str(scale)
+
+
+def _lora_label(loras: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{lora.get('name', '?')}:{_format_scale(lora.get('scale'))}" for lora in loras)
+
+
+def _local_time(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ------------------------------------------------------------------------ store
+
+
+class JobStore:
+    """The persistent job history.  Thread-safe; safe to share between processes."""
+
+    def __init__(self, db_path: Path, owner: ProcessOwner | None = None) -> None:
+        self.db_path = Path(db_path)
+        self.owner = owner if owner is not None else ProcessOwner.current()
+        self._lock = threading.Lock()
+        self._conns: dict[int, sqlite3.Connection] = {}
+        self._pid = os.getpid()
+        self._closed = False
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"JobStore({str(self.db_path)!r}, owner={self.owner!r})"
+
+    # -- connections --------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.db_path),
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,  # autocommit; explicit BEGIN IMMEDIATE for writes
+            check_same_thread=False,  # only so close() may run from any thread
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.create_function("masuka_casefold", 1, _casefold, deterministic=True)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        ident = threading.get_ident()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self._pid != os.getpid():  # forked: never reuse the parent's connections
+                self._conns = {}
+                self._pid = os.getpid()
+            conn = self._conns.get(ident)
+            if conn is not None:
+                return conn
+            alive = {thread.ident for thread in threading.enumerate()}
+            for dead in [key for key in self._conns if key not in alive]:
+                self._conns.pop(dead).close()
+            conn = self._connect()
+            self._conns[ident] = conn
+            return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection; the store cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("SQLite WAL mode unavailable for %s (journal_mode=%s)", self.db_path, mode)
+        with self._write() as tx:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    tx.execute(statement)
+            version = tx.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                logger.warning(
+                    "job database %s has schema version %d, newer than %d",
+                    self.db_path,
+                    version,
+                    SCHEMA_VERSION,
+                )
+
+    # -- records ------------------------------------------------------------
+
+    def _record(self, row: sqlite3.Row) -> dict[str, Any]:
+        job_id = row["job_id"]
+        record: dict[str, Any] = {}
+        for key in _RECORD_KEYS:
+            if key in _JSON_COLUMNS:
+                record[key] = _loads(row[key], _JSON_COLUMNS[key], key, job_id)
+            else:
+                record[key] = row[key]
+        record["owner"] = {
+            "pid": row["owner_pid"],
+            "host": row["owner_host"],
+            "started_at": row["owner_started_at"],
+        }
+        return record
+
+    def _status_of(self, job_id: str) -> str:
+        row = self._conn().execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return row["status"]
+
+    # -- writing ------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        params: dict,
+        loras: list[dict],
+        user: str | None = None,
+        session: str | None = None,
+        status: str = "running",
+    ) -> str:
+        """Record a new job owned by this store's process; return its id."""
+        if status not in ACTIVE_STATUSES:
+            raise ValueError(f"a new job must be 'queued' or 'running', got {status!r}")
+        if not isinstance(params, Mapping):
+            raise ValueError(f"params must be a dict, got {params!r}")
+        for name, value in (("user", user), ("session", session)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        clean_params = _strip_path_keys(dict(params))
+        params_json = _dumps(clean_params, "params")
+        loras_json = _dumps(_normalize_loras(loras), "loras")
+        prompt = params.get("prompt")
+        model = params.get("model")
+        now = time.time()
+        values = {
+            "owner_pid": self.owner.pid,
+            "owner_host": self.owner.host,
+            "owner_started_at": self.owner.started_at,
+            "user": user,
+            "session": session,
+            "created_at": now,
+            "started_at": now if status == "running" else None,
+            "status": status,
+            "prompt": None if prompt is None else str(prompt),
+            "model": None if model is None else str(model),
+            "width": _maybe_int(params.get("width")),
+            "height": _maybe_int(params.get("height")),
+            "steps": _maybe_int(params.get("steps")),
+            "guidance": _maybe_float(params.get("guidance")),
+            "num_images": _maybe_int(params.get("num_images")),
+            "seed": _maybe_int(params.get("seed")),
+            "seeds": "[]",
+            "loras": loras_json,
+            "params": params_json,
+            "outputs": "[]",
+            "notes": "[]",
+        }
+        columns = ", ".join(["job_id", *values])
+        marks = ", ".join("?" * (len(values) + 1))
+        for attempt in range(_ID_ATTEMPTS):
+            job_id = uuid.uuid4().hex[:12]
+            try:
+                with self._write() as tx:
+                    tx.execute(
+                        f"INSERT INTO jobs ({columns}) VALUES ({marks})",
+                        (job_id, *values.values()),
+                    )
+            except sqlite3.IntegrityError:
+                logger.warning("job id collision on %s (attempt %d); retrying", job_id, attempt + 1)
+                continue
+            logger.info("job %s created (%s) for user=%s session=%s", job_id, status, user, session)
+            return job_id
+        raise RuntimeError(f"could not allocate a unique job id after {_ID_ATTEMPTS} attempts")
+
+    def _transition(
+        self,
+        job_id: str,
+        target: str,
+        extra: dict[str, Any] | None = None,
+        *,
+        lenient_if_final: bool = False,
+    ) -> bool:
+        job_id = _check_job_id(job_id)
+        sources = ALLOWED_TRANSITIONS[target]
+        now = time.time()
+        assignments = ["status = ?"]
+        args: list[Any] = [target]
+        if target == "running":
+            assignments.append("started_at = COALESCE(started_at, ?)")
+            args.append(now)
+        else:
+            assignments.append("finished_at = ?")
+            args.append(now)
+            if target != "interrupted":
+                assignments.append(
+                    "duration_s = CASE WHEN started_at IS NULL THEN NULL "
+                    "ELSE MAX(0.0, ? - started_at) END"
+                )
+                args.append(now)
+        for column, value in (extra or {}).items():
+            assignments.append(f"{column} = ?")
+            args.append(value)
+        placeholders = ", ".join("?" * len(sources))
+        sql = (
+            f"UPDATE jobs SET {', '.join(assignments)} "
+            f"WHERE job_id = ? AND status IN ({placeholders})"
+        )
+        with self._write() as tx:
+            changed = tx.execute(sql, (*args, job_id, *sources)).rowcount
+        if changed:
+            logger.info("job %s -> %s", job_id, target)
+            return True
+        current = self._status_of(job_id)
+        if lenient_if_final and current in FINAL_STATUSES:
+            logger.info("job %s is already %s; not marking it %s", job_id, current, target)
+            return False
+        raise ValueError(f"job {job_id!r}: cannot move from status {current!r} to {target!r}")
+
+    def mark_running(self, job_id: str) -> bool:
+        """queued -> running (records started_at)."""
+        return self._transition(job_id, "running")
+
+    mark_started = mark_running  # the name used in docs/architecture.md
+
+    def mark_completed(
+        self,
+        job_id: str,
+        *,
+        seeds: list[int],
+        outputs: list[str],
+        notes: list[str] | None = None,
+    ) -> bool:
+        """running -> completed.  ``notes=None`` keeps the notes already stored."""
+        extra: dict[str, Any] = {
+            "seeds": _dumps(_check_seeds(seeds), "seeds"),
+            "outputs": _dumps(_check_strings(outputs, "outputs"), "outputs"),
+        }
+        if notes is not None:
+            extra["notes"] = _dumps(_check_strings(notes, "notes"), "notes")
+        return self._transition(job_id, "completed", extra)
+
+    def mark_failed(self, job_id: str, *, error: str, traceback: str) -> bool:
+        """running -> failed.  On an already-final job: log and return False."""
+        extra = {
+            "error": _clip(error, MAX_ERROR_CHARS, "error"),
+            "traceback": _clip(traceback, MAX_TRACEBACK_CHARS, "traceback"),
+        }
+        return self._transition(job_id, "failed", extra, lenient_if_final=True)
+
+    def mark_cancelled(self, job_id: str, *, reason: str = "cancelled") -> bool:
+        """queued/running -> cancelled (reason stored in ``error``).  On a final job: False."""
+        extra = {"error": _clip(reason, MAX_ERROR_CHARS, "reason")}
+        return self._transition(job_id, "cancelled", extra, lenient_if_final=True)
+
+    def set_seeds(self, job_id: str, seeds: list[int]) -> None:
+        """Store the actual seeds (e.g. once random seeds are drawn)."""
+        job_id = _check_job_id(job_id)
+        seeds_json = _dumps(_check_seeds(seeds), "seeds")
+        with self._write() as tx:
+            changed = tx.execute(
+                "UPDATE jobs SET seeds = ? WHERE job_id = ?", (seeds_json, job_id)
+            ).rowcount
+        if not changed:
+            raise JobNotFound(job_id)
+
+    def recover_interrupted(self) -> list[str]:
+        """Mark queued/running jobs whose owner process is gone as interrupted.
+
+        Jobs owned by live processes (this one or any other sharing the
+        database) are left alone.  Returns the ids that were changed.
+        """
+        rows = self._conn().execute(
+            "SELECT job_id, owner_pid, owner_host, owner_started_at FROM jobs "
+            "WHERE status IN (?, ?)",
+            ACTIVE_STATUSES,
+        ).fetchall()
+        verdicts: dict[tuple[Any, Any, Any], bool] = {}
+        changed: list[str] = []
+        for row in rows:
+            key = (row["owner_pid"], row["owner_host"], row["owner_started_at"])
+            if key not in verdicts:
+                pid, host, started = key
+                if pid is None or host is None:
+                    verdicts[key] = False  # no owner recorded: nobody can finish it
+                else:
+                    verdicts[key] = ProcessOwner(int(pid), str(host), started).is_alive()
+            if verdicts[key]:
+                continue
+            pid, host, _ = key
+            message = f"process ended while the job was running (pid {pid} on {host})"
+            with self._write() as tx:
+                done = tx.execute(
+                    "UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ? "
+                    "WHERE job_id = ? AND status IN (?, ?) "
+                    "AND owner_pid IS ? AND owner_host IS ? AND owner_started_at IS ?",
+                    (time.time(), message, row["job_id"], *ACTIVE_STATUSES, *key),
+                ).rowcount
+            if done:
+                logger.warning("job %s interrupted: %s", row["job_id"], message)
+                changed.append(row["job_id"])
+        return changed
+
+    # -- reading ------------------------------------------------------------
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The full record of one job; raises JobNotFound."""
+        job_id = _check_job_id(job_id)
+        row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return self._record(row)
+
+    def list(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        search: str | None = None,
+        user: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Jobs newest first.  ``search``: case-insensitive substring of the prompt."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIST_LIMIT}, got {limit!r}")
+        where: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            if status not in JOB_STATUSES:
+                raise ValueError(f"unknown job status {status!r}; expected one of {JOB_STATUSES}")
+            where.append("status = ?")
+            args.append(status)
+        if search is not None:
+            if not isinstance(search, str):
+                raise ValueError(f"search must be a string, got {search!r}")
+            if search:
+                where.append("instr(masuka_casefold(prompt), ?) > 0")
+                args.append(search.casefold())
+        if user is not None:
+            if not isinstance(user, str):
+                raise ValueError(f"user must be a string, got {user!r}")
+            where.append("user = ?")
+            args.append(user)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        rows = self._conn().execute(sql, (*args, limit)).fetchall()
+        return [self._record(row) for row in rows]
+
+    def running_jobs(self) -> list[dict[str, Any]]:
+        """Jobs not yet finished (status queued or running), newest first."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY created_at DESC, rowid DESC",
+            ACTIVE_STATUSES,
+        ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def dataframe(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        search: str | None = None,
+        user: str | None = None,
+    ) -> pandas.DataFrame:
+        """A table for the UI with columns ``DATAFRAME_COLUMNS``, newest first."""
+        import pandas as pd  # heavy: imported only when a table is wanted
+
+        rows = []
+        for job in self.list(limit=limit, status=status, search=search, user=user):
+            if job["seeds"]:
+                seed = job["seeds"][0]
+            else:  # not run yet: show the requested seed unless it asked for a random one
+                seed = job["seed"] if job["seed"] is not None and job["seed"] >= 0 else None
+            duration = job["duration_s"]
+            rows.append(
+                {
+                    "job_id": job["job_id"],
+                    "created_at": _local_time(job["created_at"]),
+                    "status": job["status"],
+                    "prompt": job["prompt"] or "",
+                    "lora": _lora_label(job["loras"]),
+                    "seed": seed,
+                    "steps": job["steps"],
+                    "duration_s": None if duration is None else round(float(duration), 2),
+                    "error": job["error"] or "",
+                }
+            )
+        frame = pd.DataFrame(rows, columns=list(DATAFRAME_COLUMNS))
+        frame["seed"] = frame["seed"].astype("Int64")
+        frame["steps"] = frame["steps"].astype("Int64")
+        frame["duration_s"] = frame["duration_s"].astype("float64")
+        return frame
