@@ -1,0 +1,125 @@
+"""The client API: typed `gr.api` endpoints, kept apart from the page's events.
+
+Every endpoint is a thin edge over the manager and the stores: validation is
+all the manager's; here `ValueError` and `JobFailed` become `gr.Error`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from .generator import GeneratorManager, JobFailed
+from .jobs import JobNotFound
+
+log = logging.getLogger(__name__)
+
+GPU_GROUP = "gpu"  # generation and LoRA loading share the one GPU
+
+
+def user_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None) if request is not None else None
+
+
+def public_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A job record for clients: never a key named "path" (gradio_client would download it)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {("file" if k == "path" else k): clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(record)
+
+
+def history_columns() -> list[str]:
+    return ["job_id", "created_at", "status", "prompt", "lora", "seed", "steps", "duration_s", "error"]
+
+
+def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
+    """Define the API endpoints inside the current `gr.Blocks` context."""
+
+    def generate(
+        prompt: str,
+        lora: str = "",
+        lora_scale: float = 1.0,
+        seed: int = -1,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        request: gr.Request = None,
+    ) -> tuple[list[FileData], dict]:
+        """Generate images. `lora` is a LoRA name or "name1:0.8,name2:0.5"; None means the model default."""
+        try:
+            req = manager.validate(
+                prompt=prompt,
+                lora=lora,
+                lora_scale=lora_scale,
+                seed=seed,
+                steps=steps,
+                guidance=guidance,
+                width=width,
+                height=height,
+                num_images=num_images,
+            )
+            if rate_limiter is not None:
+                rate_limiter.check(request)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        try:
+            result = manager.generate(req, user=user_of(request), session=_session(request))
+        except JobFailed as exc:
+            raise gr.Error(f"job {exc.job_id} failed: {exc.reason}") from None
+        images = [FileData(path=str(p), orig_name=p.name, mime_type="image/png") for p in result.images]
+        return images, public_record(result.record)
+
+    def loras() -> list[dict]:
+        """The LoRA library: name, size, sha256, source, format, trigger words, state."""
+        manager.loras.scan()
+        return [r.public() for r in manager.loras.list()]
+
+    def history(limit: int = 50, status: str = "", search: str = "") -> list[dict]:
+        """Newest jobs first: job_id, created_at, status, prompt, lora, seed, steps, duration_s, error."""
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            raise gr.Error(f"limit must be a whole number from 1 to 1000, got {limit!r}") from None
+        if not 1 <= limit <= 1000:
+            raise gr.Error(f"limit must be from 1 to 1000, got {limit}")
+        df = manager.jobs.dataframe(limit=limit, status=status or None, search=search or None)
+        return df.to_dict(orient="records")
+
+    def job(job_id: str) -> dict:
+        """The full record of one job: parameters, seeds, outputs, error and traceback."""
+        try:
+            return public_record(manager.jobs.get(str(job_id)))
+        except JobNotFound:
+            raise gr.Error(f"no job with id {job_id!r}") from None
+
+    def cancel(job_id: str, request: gr.Request = None) -> dict:
+        """Cancel a running job. Returns {"job_id", "cancelled": bool, "status"}."""
+        try:
+            record = manager.jobs.get(str(job_id))
+        except JobNotFound:
+            raise gr.Error(f"no job with id {job_id!r}") from None
+        user = user_of(request)
+        if user and record.get("user") and record["user"] != user:
+            raise gr.Error(f"job {job_id} belongs to another user")
+        cancelled = manager.cancel(str(job_id))
+        status = manager.jobs.get(str(job_id))["status"]
+        return {"job_id": job_id, "cancelled": cancelled, "status": status}
+
+    gr.api(generate, api_name="generate", concurrency_id=GPU_GROUP, concurrency_limit=1)
+    for fn in (loras, history, job, cancel):
+        gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
+
+
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None

@@ -1,0 +1,351 @@
+"""The generator manager: owns the ONE pipeline and the active LoRA set.
+
+One generation at a time (a lock, on top of Gradio's concurrency group, so a
+script calling the manager directly is safe too).  Every job is recorded in the
+job store from the moment it is accepted until it ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import re
+import threading
+import time
+import traceback as tb
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .jobs import JobStore
+from .models import LoadedModel
+from .outputs import image_metadata, save_image
+from .validation import GenerateRequest, LoraChoice, MAX_SEED, validate_request
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps total) over the whole job
+
+
+class JobCancelled(Exception):
+    """Raised inside the denoising loop to stop a job at the next step."""
+
+
+class JobFailed(RuntimeError):
+    """A job that was accepted and then failed; the store holds its traceback."""
+
+    def __init__(self, job_id: str, reason: str):
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class LoraNotUsable(ValueError):
+    """A LoRA that exists but cannot be used with this model (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    name: str
+    file: Path
+    sha256: str
+
+
+class LoraResolver(Protocol):
+    def resolve(self, name: str) -> ResolvedLora: ...
+
+
+@dataclass
+class GenerationResult:
+    job_id: str
+    status: str  # completed or cancelled
+    images: list[Path]
+    seeds: list[int]
+    record: dict[str, Any]
+
+
+@dataclass
+class _ActiveJob:
+    job_id: str
+    session: str | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def adapter_name(lora: ResolvedLora) -> str:
+    # peft keeps adapters in ModuleDicts, whose keys may not contain '.'.
+    return "m_" + re.sub(r"[^A-Za-z0-9_]", "_", lora.name) + "_" + lora.sha256[:8]
+
+
+def friendly_error(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return (
+            "the GPU ran out of memory: try a smaller width/height, fewer images, or a lower memory "
+            "profile (--memory offload, lowvram or quantized)"
+        )
+    if isinstance(exc, OSError) and exc.errno in (28, 30):  # ENOSPC, EROFS
+        return f"could not save the image: {exc.strerror} ({exc.filename or 'outputs folder'})"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+class GeneratorManager:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        jobs: JobStore,
+        loras: LoraResolver,
+        outputs_dir: Path,
+        *,
+        lora_cache=None,
+    ):
+        self.loaded = loaded
+        self.jobs = jobs
+        self.loras = loras
+        self.outputs_dir = outputs_dir
+        self._gpu = threading.Lock()  # one generation (or LoRA load) on the pipeline at a time
+        self._state = threading.Lock()  # guards _active
+        self._active: _ActiveJob | None = None
+        self._adapters: dict[str, tuple[ResolvedLora, float]] = {}  # adapter name -> (lora, scale)
+        from .lora_cache import LoraStateCache
+
+        self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
+
+    # ---- read-only views -------------------------------------------------
+    @property
+    def pipe(self):
+        return self.loaded.pipe
+
+    def active_loras(self) -> list[dict[str, Any]]:
+        return [{"name": lora.name, "scale": scale} for lora, scale in self._adapters.values()]
+
+    def loras_in_use(self) -> set[str]:
+        """LoRA names the pipeline holds or a running job asked for (deleting them is refused)."""
+        names = {lora.name for lora, _ in self._adapters.values()}
+        with self._state:
+            if self._active is not None:
+                try:
+                    record = self.jobs.get(self._active.job_id)
+                    names |= {lc["name"] for lc in record["loras"]}
+                except KeyError:
+                    pass
+        return names
+
+    def running_job_id(self) -> str | None:
+        with self._state:
+            return self._active.job_id if self._active else None
+
+    # ---- validation ------------------------------------------------------
+    def validate(self, **raw: Any) -> GenerateRequest:
+        pipe = self.loaded.pipe
+        return validate_request(
+            **raw,
+            defaults=self.loaded.defaults,
+            t5_tokenizer=getattr(pipe, "tokenizer_2", None),
+            clip_tokenizer=getattr(pipe, "tokenizer", None),
+        )
+
+    # ---- cancel ----------------------------------------------------------
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a running job; False when it is not running here."""
+        with self._state:
+            if self._active is not None and self._active.job_id == job_id:
+                self._active.cancel.set()
+                log.info("cancel requested for job %s", job_id)
+                return True
+        return False
+
+    def cancel_session(self, session: str) -> str | None:
+        """Cancel the running job of one browser session (never anyone else's)."""
+        with self._state:
+            if self._active is not None and session and self._active.session == session:
+                self._active.cancel.set()
+                return self._active.job_id
+        return None
+
+    # ---- generation ------------------------------------------------------
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        user: str | None = None,
+        session: str | None = None,
+        on_step: StepCallback | None = None,
+        on_job: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - IMAGES_HEADROOM)
+        seed = min(seed, MAX_SEED - (request.num_images - 1))
+        seeds = [seed + i for i in range(request.num_images)]
+        params = request.params() | {"model": self.loaded.spec, "requested_seed": request.seed}
+        job_id = self.jobs.create(
+            params=params,
+            loras=[{"name": lc.name, "scale": lc.scale} for lc in request.loras],
+            user=user,
+            session=session,
+            status="queued",
+        )
+        self.jobs.set_seeds(job_id, seeds)
+        if on_job is not None:
+            on_job(job_id)
+        with self._gpu:
+            active = _ActiveJob(job_id, session)
+            with self._state:
+                self._active = active
+            try:
+                return self._run(job_id, request, params, seeds, active, on_step)
+            finally:
+                with self._state:
+                    self._active = None
+                self._release_memory()
+
+    def _run(
+        self,
+        job_id: str,
+        request: GenerateRequest,
+        params: dict[str, Any],
+        seeds: list[int],
+        active: _ActiveJob,
+        on_step: StepCallback | None,
+    ) -> GenerationResult:
+        import torch
+
+        started = time.perf_counter()
+        saved: list[Path] = []
+        try:
+            if active.cancel.is_set():
+                raise JobCancelled()
+            self.jobs.mark_running(job_id)
+            self._apply_loras(request.loras)
+            pipe = self.loaded.pipe
+            total = request.steps * request.num_images
+            done = 0
+
+            def step_end(_pipe, step: int, _t, kwargs):
+                nonlocal done
+                done += 1
+                if on_step is not None:
+                    on_step(done, total)
+                if active.cancel.is_set():
+                    raise JobCancelled()
+                return kwargs
+
+            exec_device = getattr(pipe, "_execution_device", self.loaded.device)
+            with torch.inference_mode():
+                prompt_embeds, pooled, _ids = pipe.encode_prompt(
+                    prompt=request.prompt,
+                    prompt_2=None,
+                    device=exec_device,
+                    max_sequence_length=self.loaded.defaults.max_sequence_length,
+                )
+            images = []
+            for index, image_seed in enumerate(seeds):
+                if active.cancel.is_set():
+                    raise JobCancelled()
+                # One generator per image, so image i of a job is reproduced by seed + i alone.
+                generator = torch.Generator(device="cpu").manual_seed(image_seed)
+                with torch.inference_mode():
+                    out = pipe(
+                        prompt_embeds=prompt_embeds,
+                        pooled_prompt_embeds=pooled,
+                        width=request.width,
+                        height=request.height,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance,
+                        generator=generator,
+                        max_sequence_length=self.loaded.defaults.max_sequence_length,
+                        callback_on_step_end=step_end,
+                    )
+                images.append(out.images[0])
+            for index, (image, image_seed) in enumerate(zip(images, seeds)):
+                meta = image_metadata(params, seed=image_seed, model=self.loaded.spec, job_id=job_id)
+                saved.append(save_image(image, self.outputs_dir, meta, stem=f"{job_id}-{index}-{image_seed}"))
+            outputs = [str(p) for p in saved]
+            self.jobs.mark_completed(job_id, seeds=seeds, outputs=outputs, notes=list(request.notes))
+            log.info("job %s completed in %.2f s", job_id, time.perf_counter() - started)
+            return GenerationResult(job_id, "completed", saved, seeds, self.jobs.get(job_id))
+        except JobCancelled:
+            self._discard(saved)
+            self.jobs.mark_cancelled(job_id, reason="cancelled by the user")
+            log.info("job %s cancelled", job_id)
+            return GenerationResult(job_id, "cancelled", [], seeds, self.jobs.get(job_id))
+        except Exception as exc:  # any failure is recorded, then reported
+            self._discard(saved)
+            reason = friendly_error(exc)
+            self.jobs.mark_failed(job_id, error=reason, traceback=tb.format_exc())
+            log.warning("job %s failed: %s", job_id, reason)
+            # The traceback's frames hold tensors; drop them before memory is released.
+            del exc
+            gc.collect()
+            raise JobFailed(job_id, reason) from None
+
+    @staticmethod
+    def _discard(paths: list[Path]) -> None:
+        for p in paths:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        before = torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        log.info(
+            "CUDA memory allocated %.1f MiB (reserved after empty_cache %.1f MiB)",
+            before / 2**20,
+            torch.cuda.memory_reserved() / 2**20,
+        )
+
+    # ---- LoRAs -----------------------------------------------------------
+    def _apply_loras(self, choices: tuple[LoraChoice, ...]) -> None:
+        """Make the pipeline hold exactly the requested adapters at the requested scales."""
+        pipe = self.loaded.pipe
+        wanted: dict[str, tuple[ResolvedLora, float]] = {}
+        for choice in choices:
+            lora = self.loras.resolve(choice.name)
+            wanted[adapter_name(lora)] = (lora, choice.scale)
+        if not wanted:
+            if self._adapters:
+                pipe.unload_lora_weights()
+                self._adapters = {}
+            return
+        stale = [name for name in self._adapters if name not in wanted]
+        try:
+            if stale:
+                if len(stale) == len(self._adapters):
+                    # Nothing we keep: unload restores the original modules exactly.
+                    pipe.unload_lora_weights()
+                else:
+                    pipe.delete_adapters(stale)
+                for name in stale:
+                    del self._adapters[name]
+            for name, (lora, scale) in wanted.items():
+                if name not in self._adapters:
+                    state = self.lora_cache.get(lora)
+                    pipe.load_lora_weights(state, adapter_name=name)
+                    self._adapters[name] = (lora, scale)
+            pipe.set_adapters(list(wanted), [scale for _, scale in wanted.values()])
+            self._adapters = dict(wanted)
+        except Exception:
+            # A half-loaded adapter must never linger: back to no LoRA at all.
+            log.warning("LoRA load failed; unloading every adapter")
+            self._unload_all()
+            raise
+        active = set(pipe.get_active_adapters()) if hasattr(pipe, "get_active_adapters") else set(wanted)
+        if active != set(wanted):
+            self._unload_all()
+            raise RuntimeError(f"adapters {sorted(active)} are active, expected {sorted(wanted)}")
+
+    def _unload_all(self) -> None:
+        try:
+            self.loaded.pipe.unload_lora_weights()
+        finally:
+            self._adapters = {}
+
+
+IMAGES_HEADROOM = 8  # a random seed leaves room for seed + i of every image

@@ -1,0 +1,99 @@
+"""Putting the pieces together and launching: the only place that wires state owners."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ShareWithoutPassword(RuntimeError):
+    pass
+
+
+SHARE_HELP = (
+    "A public share link would let anyone with the link use this GPU and read your images. "
+    "Set a password first: python app.py --share --auth USER:PASS  (or MASUKA_AUTH=USER:PASS). "
+    "To run without a share link, use --no-share (or GRADIO_SHARE=0)."
+)
+
+
+def check_share_policy(settings: Settings) -> None:
+    """Refuse, before any tunnel is opened, to share without a password."""
+    if settings.share and settings.auth is None:
+        raise ShareWithoutPassword(SHARE_HELP)
+
+
+@dataclass
+class Studio:
+    settings: Settings
+    manager: Any  # GeneratorManager
+
+
+def build_studio(settings: Settings, *, loaded=None) -> Studio:
+    """Create the home folder, stores and the manager, and load the model (slow)."""
+    from .generator import GeneratorManager
+    from .jobs import JobStore
+    from .lora_cache import LoraStateCache
+    from .loras import LoraLibrary
+    from .models import load_pipeline
+
+    paths = settings.paths
+    paths.create()
+    jobs = JobStore(paths.db)
+    interrupted = jobs.recover_interrupted()
+    if interrupted:
+        log.warning("marked %d job(s) interrupted (their process ended): %s", len(interrupted), interrupted)
+    if loaded is None:
+        loaded = load_pipeline(settings)
+    from .lora_formats import check_fits
+
+    library = LoraLibrary(
+        paths.loras,
+        max_bytes=settings.lora_max_bytes,
+        fits=lambda file: check_fits(file, loaded.pipe.transformer),
+    )
+    library.scan()
+    manager = GeneratorManager(
+        loaded,
+        jobs,
+        library,
+        paths.outputs,
+        lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
+    )
+    manager.settings = settings
+    return Studio(settings, manager)
+
+
+def launch(settings: Settings, *, block: bool = True, studio: Studio | None = None, **launch_kwargs):
+    """Launch the app; returns (demo, local_url, share_url)."""
+    check_share_policy(settings)
+    if studio is None:
+        studio = build_studio(settings)
+    from .ui import create_demo
+
+    demo = create_demo(studio.manager)
+    demo.queue(api_open=False, max_size=settings.queue_size, default_concurrency_limit=1)
+    kwargs: dict[str, Any] = dict(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=settings.auth,
+        allowed_paths=[str(settings.paths.outputs)],
+        blocked_paths=[
+            str(settings.paths.db),
+            str(settings.paths.loras),
+            str(settings.paths.models),
+        ],
+        max_file_size=settings.lora_max_bytes,
+        prevent_thread_lock=not block,
+        show_error=True,
+        footer_links=["api"],
+    )
+    kwargs.update(launch_kwargs)
+    _app, local_url, share_url = demo.launch(**kwargs)
+    return demo, local_url, share_url

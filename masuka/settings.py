@@ -1,0 +1,229 @@
+"""Settings: one dataclass built from CLI flags and environment variables.
+
+Flags win over environment variables, which win over defaults.  Parsing happens
+only when `parse_settings` is called (never at import time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+TINY_MODEL = "masuka/tiny-flux"
+DEFAULT_HOME = Path("~/.masuka")
+DEFAULT_PORT = 7860
+DEFAULT_LORA_MAX_BYTES = 2 * 1024**3
+MEMORY_PROFILES = ("auto", "full", "offload", "lowvram", "quantized")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every folder and file MASUKA writes lives under one home folder."""
+
+    home: Path
+
+    @property
+    def db(self) -> Path:
+        return self.home / "masuka.db"
+
+    @property
+    def loras(self) -> Path:
+        return self.home / "loras"
+
+    @property
+    def outputs(self) -> Path:
+        return self.home / "outputs"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    def create(self) -> None:
+        for folder in (self.home, self.loras, self.outputs, self.models):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = TINY_MODEL
+    home: Path = DEFAULT_HOME
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    share: bool = False
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    device: str = "auto"
+    dtype: str = "auto"
+    memory: str = "auto"
+    compile: bool = False
+    queue_size: int = 20
+    rate_limit_per_minute: int = 0
+    lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES
+    lora_cache_mb: int = 2048
+    allow_private_urls: bool = False
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.home)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """`USER:PASS` -> (user, password).  Empty means no auth."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("auth must look like USER:PASS with a non-empty user and password")
+    return user, password
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def on_colab(env: Mapping[str, str] = os.environ) -> bool:
+    return "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="app.py",
+        description="MASUKA: a FLUX.1 image studio with LoRAs (Gradio UI and client API).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"'{TINY_MODEL}' (built-in demo model with random weights, no download), a Hub id "
+        "such as black-forest-labs/FLUX.1-schnell, a local diffusers folder with model_index.json, "
+        "or a single-file transformer (.safetensors/.gguf). Env: MASUKA_MODEL. Default: "
+        f"{TINY_MODEL}",
+    )
+    p.add_argument(
+        "--home",
+        default=None,
+        help="folder for the job database, the LoRA library, output images and the built-in "
+        f"model. Env: MASUKA_HOME. Default: {DEFAULT_HOME}",
+    )
+    p.add_argument("--host", default=None, help="address to listen on. Env: GRADIO_SERVER_NAME. Default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help=f"port. Env: GRADIO_SERVER_PORT. Default: {DEFAULT_PORT}")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        default=None,
+        help="open a public Gradio share link (requires --auth). Env: GRADIO_SHARE. Default on Colab",
+    )
+    p.add_argument("--no-share", dest="share", action="store_false", help="never open a share link, even on Colab")
+    p.add_argument("--auth", default=None, help="USER:PASS required for the page and the API. Env: MASUKA_AUTH")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N. Env: MASUKA_DEVICE. Default: auto")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="auto = bfloat16 on GPUs of compute capability >= 8.0, float16 on older GPUs, float32 on CPU. "
+        "Env: MASUKA_DTYPE",
+    )
+    p.add_argument(
+        "--memory",
+        default=None,
+        choices=MEMORY_PROFILES,
+        help="GPU memory profile. Env: MASUKA_MEMORY. Default: auto",
+    )
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer's repeated blocks")
+    p.add_argument("--queue-size", type=int, default=None, help="max jobs waiting in the queue. Env: MASUKA_QUEUE_SIZE. Default: 20")
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        help="max generations per user per minute, 0 = unlimited. Env: MASUKA_RATE_LIMIT. Default: 0",
+    )
+    p.add_argument(
+        "--lora-max-mb",
+        type=int,
+        default=None,
+        help="largest LoRA file accepted (also the upload limit). Env: MASUKA_LORA_MAX_MB. Default: 2048",
+    )
+    return p
+
+
+def _pick(flag, env: Mapping[str, str], name: str, default, cast=str):
+    if flag is not None:
+        return flag
+    raw = env.get(name)
+    if raw is not None and raw != "":
+        try:
+            return cast(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r} is not valid: {exc}") from exc
+    return default
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(argv)
+    share = args.share
+    if share is None:
+        share = _env_flag(env, "GRADIO_SHARE")
+    if share is None:
+        # Gradio opens a share link by default on Colab; we say so explicitly
+        # so the password check sees the same decision Gradio would make.
+        share = on_colab(env)
+    lora_mb = _pick(args.lora_max_mb, env, "MASUKA_LORA_MAX_MB", DEFAULT_LORA_MAX_BYTES // 1024**2, int)
+    settings = Settings(
+        model=_pick(args.model, env, "MASUKA_MODEL", TINY_MODEL),
+        home=Path(_pick(args.home, env, "MASUKA_HOME", str(DEFAULT_HOME))).expanduser().resolve(),
+        host=_pick(args.host, env, "GRADIO_SERVER_NAME", "127.0.0.1"),
+        port=_pick(args.port, env, "GRADIO_SERVER_PORT", DEFAULT_PORT, int),
+        share=bool(share),
+        auth=parse_auth(_pick(args.auth, env, "MASUKA_AUTH", None)),
+        device=_pick(args.device, env, "MASUKA_DEVICE", "auto"),
+        dtype=_pick(args.dtype, env, "MASUKA_DTYPE", "auto"),
+        memory=_pick(args.memory, env, "MASUKA_MEMORY", "auto"),
+        compile=bool(args.compile or _env_flag(env, "MASUKA_COMPILE")),
+        queue_size=_pick(args.queue_size, env, "MASUKA_QUEUE_SIZE", 20, int),
+        rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", 0, int),
+        lora_max_bytes=int(lora_mb) * 1024**2,
+        allow_private_urls=bool(_env_flag(env, "MASUKA_ALLOW_PRIVATE_URLS")),
+    )
+    validate_settings(settings)
+    return settings
+
+
+def validate_settings(settings: Settings) -> None:
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if settings.memory not in MEMORY_PROFILES:
+        raise ValueError(f"memory profile {settings.memory!r} is not one of {', '.join(MEMORY_PROFILES)}")
+    if not 1 <= settings.port <= 65535:
+        raise ValueError(f"port {settings.port} is not in 1..65535")
+    if settings.queue_size < 1:
+        raise ValueError(f"queue size {settings.queue_size} must be at least 1")
+    if settings.rate_limit_per_minute < 0:
+        raise ValueError(f"rate limit {settings.rate_limit_per_minute} must be 0 (off) or more")
+    if settings.lora_max_bytes < 1024**2:
+        raise ValueError(f"LoRA size cap {settings.lora_max_bytes // 1024**2} MB must be at least 1 MB")
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
+    """Pick (torch.device, torch.dtype).
+
+    bf16 only on compute capability >= 8.0: `torch.cuda.is_bf16_supported()`
+    says yes on a T4 through slow emulation, so we look at the capability.
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype != "auto":
+        return dev, getattr(torch, dtype)
+    if dev.type == "cuda":
+        major, _minor = torch.cuda.get_device_capability(dev)
+        return dev, torch.bfloat16 if major >= 8 else torch.float16
+    return dev, torch.float32
