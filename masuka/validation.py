@@ -108,10 +108,13 @@ def check_float(name: str, value: Any, lo: float, hi: float) -> float:
 
 
 def check_size(name: str, value: Any) -> int:
-    i = check_int(name, value, SIZE_MIN, SIZE_MAX)
-    if i % SIZE_STEP:
-        raise ValueError(f"{name} must be a multiple of {SIZE_STEP} from {SIZE_MIN} to {SIZE_MAX}, got {i}")
-    return i
+    rule = f"{name} must be a multiple of {SIZE_STEP} from {SIZE_MIN} to {SIZE_MAX}"
+    f = _number(name, value)
+    if f != int(f):
+        raise ValueError(f"{rule} (a whole number), got {value!r}")
+    if not SIZE_MIN <= f <= SIZE_MAX or int(f) % SIZE_STEP:
+        raise ValueError(f"{rule}, got {int(f)}")
+    return int(f)
 
 
 def check_seed(value: Any) -> int:

