@@ -72,7 +72,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     source, is_demo = resolve_model_path(settings.model, settings.paths.models)
     token = os.environ.get("HF_TOKEN") or None
     log.info("loading model %s (device %s, dtype %s)", settings.model, device, dtype)
-    pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, token=token)
+    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, token=token)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):

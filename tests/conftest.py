@@ -1,0 +1,110 @@
+"""Shared fixtures: the tiny model is built once per test session; every test gets its own home."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.pop("GRADIO_SHARE", None)
+os.environ.pop("MASUKA_AUTH", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from masuka.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+def seed_home(home: Path, tiny_model_dir: Path) -> Path:
+    """A fresh home folder whose built-in model is the session's (a symlink, no rebuild)."""
+    models = home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    link = models / tiny_model_dir.name
+    if not link.exists():
+        link.symlink_to(tiny_model_dir, target_is_directory=True)
+    return home
+
+
+@pytest.fixture
+def home(tmp_path, tiny_model_dir) -> Path:
+    return seed_home(tmp_path / "home", tiny_model_dir)
+
+
+@pytest.fixture
+def settings(home):
+    from masuka.settings import Settings
+
+    return Settings(home=home)
+
+
+@pytest.fixture
+def studio(settings):
+    from masuka.server import build_studio
+
+    st = build_studio(settings)
+    yield st
+    st.manager.jobs.close()
+
+
+@pytest.fixture
+def manager(studio):
+    return studio.manager
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveApp:
+    def __init__(self, demo, url: str, studio):
+        self.demo, self.url, self.studio = demo, url, studio
+
+    @property
+    def manager(self):
+        return self.studio.manager
+
+    def client(self, **kwargs):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, **kwargs)
+
+
+def launch_app(settings, studio=None) -> LiveApp:
+    from dataclasses import replace
+
+    from masuka.server import build_studio, launch
+
+    settings = replace(settings, port=free_port())
+    studio = studio or build_studio(settings)
+    demo, url, _ = launch(settings, block=False, studio=studio, quiet=True)
+    return LiveApp(demo, url, studio)
+
+
+@pytest.fixture
+def live_app(settings):
+    app = launch_app(settings)
+    yield app
+    app.demo.close()
+    app.manager.jobs.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="masuka")
+    yield
