@@ -33,7 +33,7 @@ class LoraStateCache:
 
     def get(self, lora) -> dict[str, Any]:
         """A fresh dict (diffusers pops keys from what it is given) of the LoRA's tensors."""
-        from safetensors.torch import load_file
+        from .lora_formats import load_lora_state_dict
 
         key = lora.sha256
         with self._lock:
@@ -43,7 +43,8 @@ class LoraStateCache:
                 self.hits += 1
                 return dict(item[0])
         self.misses += 1
-        state = load_file(str(lora.file), device="cpu")
+        # Verified read with keys normalised, so diffusers never silently skips unprefixed keys.
+        state = load_lora_state_dict(lora.file)
         size = state_dict_bytes(state)
         if size <= self.max_bytes:
             with self._lock:
