@@ -112,6 +112,8 @@ class GeneratorManager:
         from .lora_cache import LoraStateCache
 
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
+        # Called with the job id once a job's end is recorded (e.g. the history backup).
+        self.job_listeners: list[Callable[[str], None]] = []
 
     # ---- read-only views -------------------------------------------------
     @property
@@ -199,6 +201,7 @@ class GeneratorManager:
                 with self._state:
                     self._active = None
                 self._release_memory()
+                self._job_ended(job_id)
 
     def _run(
         self,
@@ -279,6 +282,13 @@ class GeneratorManager:
             del exc
             gc.collect()
             raise JobFailed(job_id, reason) from None
+
+    def _job_ended(self, job_id: str) -> None:
+        for listener in self.job_listeners:
+            try:
+                listener(job_id)
+            except Exception:  # a listener must never turn a finished job into an error
+                log.exception("job listener %r failed for job %s", listener, job_id)
 
     @staticmethod
     def _discard(paths: list[Path]) -> None:

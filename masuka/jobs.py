@@ -33,8 +33,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -62,6 +64,7 @@ __all__ = [
     "ProcessOwner",
     "JobNotFound",
     "JobStore",
+    "restore_backup",
 ]
 
 logger = logging.getLogger(__name__)
@@ -427,6 +430,7 @@ class JobStore:
         self._conns: dict[int, sqlite3.Connection] = {}
         self._pid = os.getpid()
         self._closed = False
+        self._backup_lock = threading.Lock()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._init_schema()
 
@@ -485,6 +489,35 @@ class JobStore:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             conn.close()
+
+    def backup_to(self, dest: Path) -> Path:
+        """Copy the whole history to ``dest`` as one self-contained SQLite file.
+
+        SQLite's backup API takes a consistent snapshot while other threads keep
+        writing.  The snapshot is made on local disk beside the database (SQLite
+        never opens a file at ``dest``, which may be a Google Drive mount where
+        its locks are unreliable), switched out of WAL mode so it is a single
+        file, copied beside ``dest`` and moved into place with ``os.replace``:
+        ``dest`` is always either the previous backup or the new one, whole.
+        """
+        dest = Path(dest)
+        with self._backup_lock:
+            fd, snapshot = tempfile.mkstemp(
+                dir=self.db_path.parent, prefix=f".{self.db_path.name}.", suffix=".backup"
+            )
+            os.close(fd)
+            try:
+                target = sqlite3.connect(snapshot, isolation_level=None)
+                try:
+                    self._conn().backup(target)
+                    target.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    target.close()
+                _copy_into_place(Path(snapshot), dest)
+            finally:
+                Path(snapshot).unlink(missing_ok=True)
+        logger.debug("job database backed up to %s", dest)
+        return dest
 
     def __enter__(self) -> JobStore:
         return self
@@ -818,3 +851,79 @@ class JobStore:
         frame["steps"] = frame["steps"].astype("Int64")
         frame["duration_s"] = frame["duration_s"].astype("float64")
         return frame
+
+
+# ----------------------------------------------------------------------- backup
+
+
+def _copy_into_place(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temp file in dest's folder + fsync + os.replace."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def restore_backup(db_path: Path, backup: Path) -> bool:
+    """Bring the history back from ``backup`` when the database at ``db_path`` is missing.
+
+    Used at start on a fresh machine (a Colab runtime after a reset).  An
+    existing database is never overwritten.  Jobs the backup shows as queued or
+    running belonged to a process that is gone, so they become ``interrupted``
+    (on another host :meth:`JobStore.recover_interrupted` could not tell).  A
+    backup that is not a readable job database is renamed ``*.damaged-<time>``
+    and the app starts with an empty history.  Returns True when restored.
+    """
+    db_path, backup = Path(db_path), Path(backup)
+    if db_path.exists() or not backup.is_file():
+        return False
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=db_path.parent, prefix=f".{db_path.name}.", suffix=".restore")
+    os.close(fd)
+    try:
+        shutil.copyfile(backup, tmp)
+        try:
+            moved = _check_restored(Path(tmp), backup)
+        except sqlite3.DatabaseError as exc:
+            aside = backup.with_name(f"{backup.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            logger.error("backup %s is not a readable job database (%s); kept as %s", backup, exc, aside)
+            os.replace(backup, aside)
+            return False
+        # A stale WAL beside a missing database belongs to some other file.
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        try:
+            os.link(tmp, db_path)  # atomic and never overwrites a database made meanwhile
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            os.replace(tmp, db_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    logger.info("job history restored from %s (%d unfinished job(s) marked interrupted)", backup, moved)
+    return True
+
+
+def _check_restored(file: Path, backup: Path) -> int:
+    conn = sqlite3.connect(str(file), isolation_level=None)
+    try:
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(verdict)
+        conn.execute("SELECT job_id, status FROM jobs LIMIT 1").fetchall()
+        message = f"the machine was reset while the job was waiting or running (restored from {backup.name})"
+        placeholders = ", ".join("?" * len(ACTIVE_STATUSES))
+        return conn.execute(
+            f"UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ? "
+            f"WHERE status IN ({placeholders})",
+            (time.time(), message, *ACTIVE_STATUSES),
+        ).rowcount
+    finally:
+        conn.close()

@@ -32,6 +32,7 @@ def check_share_policy(settings: Settings) -> None:
 class Studio:
     settings: Settings
     manager: Any  # GeneratorManager
+    backup: Any = None  # backup.DbBackup when --db-backup is set
 
 
 def build_studio(settings: Settings, *, loaded=None) -> Studio:
@@ -44,6 +45,10 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
 
     paths = settings.paths
     paths.create()
+    if paths.db_backup is not None:
+        from .jobs import restore_backup
+
+        restore_backup(paths.db, paths.db_backup)
     jobs = JobStore(paths.db)
     interrupted = jobs.recover_interrupted()
     if interrupted:
@@ -66,7 +71,14 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
         lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
     )
     manager.settings = settings
-    return Studio(settings, manager)
+    backup = None
+    if paths.db_backup is not None:
+        from .backup import DbBackup
+
+        backup = DbBackup(jobs, paths.db_backup)
+        manager.job_listeners.append(backup.request)
+        backup.request()  # the interrupted marks above belong in the backup too
+    return Studio(settings, manager, backup)
 
 
 def launch(settings: Settings, *, block: bool = True, studio: Studio | None = None, **launch_kwargs):
@@ -88,6 +100,7 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
             str(settings.paths.db),
             str(settings.paths.loras),
             str(settings.paths.models),
+            *([str(settings.paths.db_backup)] if settings.paths.db_backup else []),
         ],
         max_file_size=settings.lora_max_bytes,
         prevent_thread_lock=not block,

@@ -22,9 +22,18 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass(frozen=True)
 class Paths:
-    """Every folder and file MASUKA writes lives under one home folder."""
+    """Every folder and file MASUKA writes lives under one home folder.
+
+    The LoRA library and the images may live elsewhere (e.g. on a Google Drive
+    mount, to survive a Colab runtime reset); the database always stays in the
+    home folder, on local disk, because SQLite's WAL and locks need a real file
+    system (it is copied to `db_backup` instead).
+    """
 
     home: Path
+    loras_dir: Path | None = None
+    outputs_dir: Path | None = None
+    db_backup: Path | None = None
 
     @property
     def db(self) -> Path:
@@ -32,11 +41,12 @@ class Paths:
 
     @property
     def loras(self) -> Path:
-        return self.home / "loras"
+        return self.loras_dir or self.home / "loras"
 
     @property
     def outputs(self) -> Path:
-        return self.home / "outputs"
+        return self.outputs_dir or self.home / "outputs"
+
 
     @property
     def models(self) -> Path:
@@ -64,10 +74,13 @@ class Settings:
     lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES
     lora_cache_mb: int = 2048
     allow_private_urls: bool = False
+    loras_dir: Path | None = None
+    outputs_dir: Path | None = None
+    db_backup: Path | None = None
 
     @property
     def paths(self) -> Paths:
-        return Paths(self.home)
+        return Paths(self.home, self.loras_dir, self.outputs_dir, self.db_backup)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -110,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for the job database, the LoRA library, output images and the built-in "
         f"model. Env: MASUKA_HOME. Default: {DEFAULT_HOME}",
+    )
+    p.add_argument(
+        "--loras-dir",
+        default=None,
+        help="LoRA library folder (may be a Google Drive folder). Env: MASUKA_LORAS_DIR. Default: <home>/loras",
+    )
+    p.add_argument(
+        "--outputs-dir",
+        default=None,
+        help="folder for generated images (may be a Google Drive folder). Env: MASUKA_OUTPUTS_DIR. "
+        "Default: <home>/outputs",
+    )
+    p.add_argument(
+        "--db-backup",
+        default=None,
+        help="file to copy the job database to after every job (e.g. on Google Drive), and to restore "
+        "it from at start when the local database is missing. Env: MASUKA_DB_BACKUP. Default: none",
     )
     p.add_argument("--host", default=None, help="address to listen on. Env: GRADIO_SERVER_NAME. Default: 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help=f"port. Env: GRADIO_SERVER_PORT. Default: {DEFAULT_PORT}")
@@ -164,6 +194,10 @@ def _pick(flag, env: Mapping[str, str], name: str, default, cast=str):
     return default
 
 
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value).expanduser().resolve() if value else None
+
+
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)
@@ -190,6 +224,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", 0, int),
         lora_max_bytes=int(lora_mb) * 1024**2,
         allow_private_urls=bool(_env_flag(env, "MASUKA_ALLOW_PRIVATE_URLS")),
+        loras_dir=_optional_path(_pick(args.loras_dir, env, "MASUKA_LORAS_DIR", None)),
+        outputs_dir=_optional_path(_pick(args.outputs_dir, env, "MASUKA_OUTPUTS_DIR", None)),
+        db_backup=_optional_path(_pick(args.db_backup, env, "MASUKA_DB_BACKUP", None)),
     )
     validate_settings(settings)
     return settings
@@ -206,6 +243,8 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError(f"queue size {settings.queue_size} must be at least 1")
     if settings.rate_limit_per_minute < 0:
         raise ValueError(f"rate limit {settings.rate_limit_per_minute} must be 0 (off) or more")
+    if settings.db_backup is not None and settings.db_backup.resolve() == settings.paths.db.resolve():
+        raise ValueError(f"db backup {settings.db_backup} is the database itself; pick another file")
     if settings.lora_max_bytes < 1024**2:
         raise ValueError(f"LoRA size cap {settings.lora_max_bytes // 1024**2} MB must be at least 1 MB")
 
