@@ -2,24 +2,38 @@
 
 The library owns its folder.  Every file is verified before it is listed as
 usable; files dropped in by hand (a Drive sync, a copy) are verified on scan.
-The registry is a JSON file written atomically under a file lock, so several
-processes can share one home folder.
+Several processes may share one home folder:
+
+* the registry (`.registry.json`) is only written under `.registry.lock`, by
+  writing a temp file, fsyncing it and `os.replace`-ing it into place;
+* adding from a source holds `.source-<hash>.lock` for the whole transfer, and
+  looks in the registry again once it has the lock, so the same link added by
+  several processes at once is transferred once;
+* transfers land in `.incoming/` (verified, under a temp name) and are moved to
+  `<name>.safetensors` under the registry lock, so nothing unverified or half
+  written ever carries a final name.
+
+Lock files are never deleted (another process may hold them); they, the
+registry and `.incoming/` start with a dot and are never listed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from .generator import LoraNotUsable, ResolvedLora
 from .validation import validate_name
@@ -27,8 +41,20 @@ from .validation import validate_name
 log = logging.getLogger(__name__)
 
 REGISTRY = ".registry.json"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+REGISTRY_LOCK = ".registry.lock"
+INCOMING = ".incoming"
+LORA_SUFFIX = ".safetensors"
+# Listed (as refused) so a user sees why a dropped pickle is not offered; never opened as one.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+STALE_SECONDS = 3600  # leftovers of a killed process older than this are removed on scan
+GENERIC_STEMS = {"pytorch_lora_weights", "lora", "adapter_model", "model", "diffusion_pytorch_model"}
+
 FitChecker = Callable[[Path], "str | None"]
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+class LoraInUse(ValueError):
+    """Deleting a LoRA that a running job uses."""
 
 
 @dataclass
@@ -51,30 +77,103 @@ class LoraRecord:
         d.pop("mtime")
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraRecord":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def name_from_filename(filename: str | None) -> str | None:
+    """A valid LoRA name from a file name ("My LoRA (v2).safetensors" -> "My_LoRA_v2"), or None."""
+    if not filename:
+        return None
+    stem = Path(filename.replace("\\", "/")).name
+    for suffix in (LORA_SUFFIX,) + PICKLE_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+    stem = re.sub(r"\.{2,}", ".", stem).strip("._-")[:100].rstrip("._-")
+    try:
+        return validate_name(stem)
+    except ValueError:
+        return None
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fit_checker(transformer: Any) -> FitChecker:
+    """`check_fits` against a shape-only (meta device) copy of `transformer`.
+
+    The live transformer gains and loses LoRA layers while jobs run, and fit checks
+    (an add, a scan) run beside jobs; the copy never changes and costs no memory.
+    """
+    from .lora_formats import check_fits
+
+    shadow = transformer
+    try:
+        import torch
+
+        with torch.device("meta"):
+            shadow = type(transformer).from_config(transformer.config)
+    except Exception as exc:  # noqa: BLE001 - any model class: fall back to the live module
+        log.info("no shape-only copy of the transformer (%s); fit checks read the live one", exc)
+    return lambda file: check_fits(file, shadow)
+
 
 class LoraLibrary:
-    def __init__(self, folder: Path, *, max_bytes: int = 2 * 1024**3, fits: FitChecker | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_bytes: int = 2 * 1024**3,
+        fits: FitChecker | None = None,
+        allow_private: bool = False,
+    ):
         self.folder = Path(folder)
         self.max_bytes = max_bytes
         self.fits = fits
+        self.allow_private = allow_private
         self._records: dict[str, LoraRecord] = {}
-        self._mutex = threading.RLock()
+        self._mutex = threading.RLock()  # one thread of this process in the registry at a time
+        # One instance: filelock is re-entrant per instance, and two instances on
+        # one path in one thread would deadlock.
+        self._registry_lock = FileLock(str(self.folder / REGISTRY_LOCK))
         self._fit_cache: dict[str, str | None] = {}  # sha256 -> reason it does not fit
 
     # ---- registry --------------------------------------------------------
-    @property
-    def _lock(self) -> FileLock:
-        return FileLock(str(self.folder / ".registry.lock"))
-
-    def _read_registry(self) -> dict[str, dict[str, Any]]:
+    def _read_registry(self) -> dict[str, LoraRecord]:
         try:
             data = json.loads((self.folder / REGISTRY).read_text())
         except FileNotFoundError:
             return {}
-        except (json.JSONDecodeError, OSError) as exc:
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
             log.warning("LoRA registry unreadable (%s); rebuilding it from the folder", exc)
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        records = {}
+        for name, rec in data.items():
+            try:
+                records[name] = LoraRecord.from_dict(rec)
+            except TypeError:
+                log.warning("ignoring a malformed registry entry %r", name)
+        return records
 
     def _write_registry(self, records: dict[str, LoraRecord]) -> None:
         data = {name: asdict(rec) for name, rec in sorted(records.items())}
@@ -88,76 +187,165 @@ class LoraLibrary:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(self.folder)
 
     # ---- judging files ---------------------------------------------------
-    def _judge(self, file: Path, old: LoraRecord | None) -> LoraRecord:
+    def _library_files(self) -> list[Path]:
+        out = []
+        for file in sorted(self.folder.iterdir()):
+            if file.name.startswith(".") or file.suffix.lower() not in (LORA_SUFFIX,) + PICKLE_SUFFIXES:
+                continue
+            if file.is_file():
+                out.append(file)
+        return out
+
+    @staticmethod
+    def _name_of(file: Path) -> str:
+        return file.name[: -len(LORA_SUFFIX)] if file.name.lower().endswith(LORA_SUFFIX) else file.name
+
+    @staticmethod
+    def _unchanged(rec: LoraRecord | None, st: os.stat_result) -> bool:
+        """The record holds a verdict on exactly this file version (same size and mtime)."""
+        return (
+            rec is not None
+            and rec.size_bytes == st.st_size
+            and rec.mtime == st.st_mtime
+            and (bool(rec.sha256) or rec.state == "refused")
+        )
+
+    def _verify(self, file: Path):
+        """Inspect a file for the library (size cap, header, completeness, format); raises LoraRefused."""
         from .lora_formats import LoraRefused, inspect_lora_file
 
+        size = file.stat().st_size
+        if size > self.max_bytes:
+            raise LoraRefused(self._too_big(size))
+        return inspect_lora_file(file)
+
+    def _judge(self, file: Path, old: LoraRecord | None) -> LoraRecord:
+        from .lora_formats import LoraRefused
+
         st = file.stat()
-        name = file.stem if file.suffix.lower() == ".safetensors" else file.name
-        rec = LoraRecord(
-            name=name,
-            file=file.name,
-            size_bytes=st.st_size,
-            mtime=st.st_mtime,
-            source=old.source if old else "folder",
-            added_at=old.added_at if old else time.time(),
-        )
-        if old and old.sha256 and old.size_bytes == st.st_size and old.mtime == st.st_mtime:
+        name = self._name_of(file)
+        if self._unchanged(old, st):
             # Unchanged since it was judged: keep the verdict, skip re-hashing.
-            return LoraRecord(**{**asdict(old), "name": name, "file": file.name})
+            return replace(old, name=name, file=file.name)
+        rec = LoraRecord(name=name, file=file.name, size_bytes=st.st_size, mtime=st.st_mtime, added_at=time.time())
         try:
             validate_name(name)
-        except ValueError as exc:
+            info = self._verify(file)
+        except (LoraRefused, ValueError) as exc:
             rec.state, rec.reason = "refused", str(exc)
             return rec
-        if st.st_size > self.max_bytes:
-            rec.state, rec.reason = "refused", self._too_big(st.st_size)
-            return rec
-        try:
-            info = inspect_lora_file(file)
-        except LoraRefused as exc:
-            rec.state, rec.reason = "refused", str(exc)
+        except OSError as exc:
+            rec.state, rec.reason = "refused", f"cannot read the file: {exc.strerror or exc}"
             return rec
         rec.sha256, rec.format, rec.rank = info.sha256, info.format, info.rank
-        rec.trigger_words = list(old.trigger_words) if old and old.trigger_words else list(info.trigger_words)
-        rec.state, rec.reason = "usable", ""
+        rec.trigger_words = list(info.trigger_words)
+        if old is not None and old.sha256 == info.sha256:
+            # Same bytes, new mtime (a sync tool touched it): keep where it came from.
+            rec.source, rec.added_at = old.source, old.added_at
+            rec.trigger_words = list(old.trigger_words) or rec.trigger_words
         return rec
 
     def _too_big(self, size: int) -> str:
-        return f"file is {size / 2**20:.0f} MiB; the LoRA size cap is {self.max_bytes / 2**20:.0f} MiB"
+        return (
+            f"file is {_human(size)}, larger than the LoRA size cap of {_human(self.max_bytes)} "
+            "(MASUKA_LORA_MAX_MB / --lora-max-mb)"
+        )
 
     def _fit_reason(self, rec: LoraRecord) -> str | None:
-        if self.fits is None or rec.state == "refused":
+        if self.fits is None or rec.state != "usable":
             return None
         if rec.sha256 not in self._fit_cache:
-            self._fit_cache[rec.sha256] = self.fits(self.folder / rec.file)
+            try:
+                self._fit_cache[rec.sha256] = self.fits(self.folder / rec.file)
+            except Exception as exc:  # noqa: BLE001 - a file replaced mid-check must not break the listing
+                log.warning("fit check of LoRA %s failed: %s", rec.name, exc)
+                return f"cannot be checked against this model: {exc}"
         return self._fit_cache[rec.sha256]
 
     def _with_fit(self, rec: LoraRecord) -> LoraRecord:
         reason = self._fit_reason(rec)
         if reason:
-            return LoraRecord(**{**asdict(rec), "state": "not fitting", "reason": reason})
+            return replace(rec, state="not fitting", reason=reason)
         return rec
 
-    # ---- public ----------------------------------------------------------
-    def scan(self) -> list[LoraRecord]:
-        """Verify every file in the folder (new or changed ones only) and refresh the registry."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self._mutex, self._lock:
-            old = {rec.get("file"): LoraRecord(**rec) for rec in self._read_registry().values() if "file" in rec}
-            records: dict[str, LoraRecord] = {}
-            for file in sorted(self.folder.iterdir()):
-                if file.name.startswith(".") or not file.is_file():
-                    continue
-                if file.suffix.lower() not in (".safetensors",) + PICKLE_SUFFIXES:
-                    continue
-                rec = self._judge(file, old.get(file.name))
-                records[rec.name] = rec
-            self._write_registry(records)
-            self._records = {name: self._with_fit(rec) for name, rec in records.items()}
-            return list(self._records.values())
+    def _remember(self, rec: LoraRecord) -> LoraRecord:
+        rec = self._with_fit(rec)
+        with self._mutex:
+            self._records[rec.name] = rec
+        return rec
 
+    # ---- scanning --------------------------------------------------------
+    def scan(self) -> list[LoraRecord]:
+        """Verify every new or changed file in the folder and refresh the registry.
+
+        Hashing happens outside the registry lock; the merge re-reads the registry
+        under it, so records written meanwhile by another process are kept.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
+        before = {rec.file: rec for rec in self._read_registry().values()}
+        judged: dict[str, LoraRecord] = {}
+        for file in self._library_files():
+            try:
+                judged[file.name] = self._judge(file, before.get(file.name))
+            except FileNotFoundError:
+                continue
+        with self._mutex, self._registry_lock:
+            current = self._read_registry()
+            by_file = {rec.file: rec for rec in current.values()}
+            records: dict[str, LoraRecord] = {}
+            for file in self._library_files():
+                try:
+                    st = file.stat()
+                    reg = by_file.get(file.name)
+                    if self._unchanged(reg, st):
+                        rec = replace(reg, name=self._name_of(file))
+                    elif self._unchanged(judged.get(file.name), st):
+                        rec = judged[file.name]
+                    else:  # appeared or changed while we were hashing
+                        rec = self._judge(file, reg)
+                except FileNotFoundError:
+                    continue
+                if rec.name in records:
+                    rec = replace(
+                        rec, name=file.name, state="refused",
+                        reason=f"another file already uses the name {rec.name!r}",
+                    )
+                records[rec.name] = rec
+            if {n: asdict(r) for n, r in records.items()} != {n: asdict(r) for n, r in current.items()}:
+                self._write_registry(records)
+        fitted = {name: self._with_fit(rec) for name, rec in records.items()}
+        with self._mutex:
+            self._records = fitted
+        return list(fitted.values())
+
+    def _clean_leftovers(self) -> None:
+        """Temp files and staged transfers of killed processes (old, and nobody holds their lock)."""
+        from .downloads import cleanup_stale_partials
+
+        incoming = self.folder / INCOMING
+        cleanup_stale_partials(self.folder, STALE_SECONDS)
+        cleanup_stale_partials(incoming, STALE_SECONDS)
+        if not incoming.is_dir():
+            return
+        now = time.time()
+        for staged in incoming.glob(f"*{LORA_SUFFIX}"):
+            try:
+                if now - staged.stat().st_mtime < STALE_SECONDS:
+                    continue
+            except FileNotFoundError:
+                continue
+            lock = FileLock(str(self.folder / f".source-{staged.name[: -len(LORA_SUFFIX)]}.lock"), timeout=0)
+            try:
+                with lock:
+                    staged.unlink(missing_ok=True)
+            except LockTimeout:
+                continue
+
+    # ---- reading ---------------------------------------------------------
     def list(self) -> list[LoraRecord]:
         with self._mutex:
             return list(self._records.values())
@@ -165,12 +353,19 @@ class LoraLibrary:
     def usable_names(self) -> list[str]:
         return [r.name for r in self.list() if r.state == "usable"]
 
+    def _stale(self, rec: LoraRecord) -> bool:
+        try:
+            st = (self.folder / rec.file).stat()
+        except FileNotFoundError:
+            return True
+        return st.st_size != rec.size_bytes or st.st_mtime != rec.mtime
+
     def get(self, name: str) -> LoraRecord:
         validate_name(name)
         with self._mutex:
             rec = self._records.get(name)
-        if rec is None or not (self.folder / rec.file).exists():
-            self.scan()  # a file may have been dropped in since the last scan
+        if rec is None or self._stale(rec):
+            self.scan()  # dropped in, changed or removed since the last scan (maybe by another process)
             with self._mutex:
                 rec = self._records.get(name)
         if rec is None:
@@ -203,61 +398,202 @@ class LoraLibrary:
         cols = ["name", "size_mb", "sha256", "source", "format", "trigger_words", "state", "reason"]
         return pd.DataFrame(rows, columns=cols)
 
-    def add_file(self, src: Path, *, name: str, source: str, trigger_words: Iterable[str] = ()) -> LoraRecord:
-        """Verify a local file (an upload) and copy it into the library under `name`."""
-        from .lora_formats import inspect_lora_file
+    # ---- adding ----------------------------------------------------------
+    def _current(self, name: str, registry: dict[str, LoraRecord]) -> LoraRecord | None:
+        """What the library holds under `name` right now (registry lock held), judged if need be."""
+        rec = registry.get(name)
+        if rec is not None:
+            file = self.folder / rec.file
+            try:
+                st = file.stat()
+            except FileNotFoundError:
+                rec = None
+            else:
+                return rec if self._unchanged(rec, st) else self._judge(file, rec)
+        final = self.folder / f"{name}{LORA_SUFFIX}"
+        if final.is_file():  # dropped in by hand, not scanned yet
+            return self._judge(final, None)
+        return None
 
+    def _install(
+        self, staged: Path, info, name: str, *, source: str, trigger_words: Iterable[str] = ()
+    ) -> LoraRecord:
+        """Move a verified file from `.incoming/` to `<name>.safetensors` and record it (all or nothing)."""
         validate_name(name)
+        final = self.folder / f"{name}{LORA_SUFFIX}"
+        words = list(dict.fromkeys(w.strip() for w in [*trigger_words, *info.trigger_words] if w and w.strip()))
+        with self._mutex, self._registry_lock:
+            registry = self._read_registry()
+            current = self._current(name, registry)
+            if current is not None:
+                if current.sha256 and current.sha256 == info.sha256:
+                    log.info("LoRA %s is already in the library with the same content", name)
+                    staged.unlink(missing_ok=True)
+                    registry[name] = current
+                    rec = current
+                else:
+                    what = f"refused: {current.reason}" if current.state == "refused" else f"sha256 {current.sha256[:12]}"
+                    raise ValueError(
+                        f"a LoRA named {name!r} already exists with different content ({what}); "
+                        "choose another name or delete it first"
+                    )
+            else:
+                st = staged.stat()  # os.replace keeps the mtime
+                rec = LoraRecord(
+                    name=name,
+                    file=final.name,
+                    sha256=info.sha256,
+                    size_bytes=st.st_size,
+                    source=source,
+                    format=info.format,
+                    rank=info.rank,
+                    trigger_words=words,
+                    added_at=time.time(),
+                    mtime=st.st_mtime,
+                )
+                os.replace(staged, final)
+                registry[name] = rec
+                try:
+                    self._write_registry(registry)
+                except BaseException:
+                    final.unlink(missing_ok=True)  # no file without its record
+                    raise
+                log.info("added LoRA %s (%s, %d bytes, from %s)", name, info.format, st.st_size, source)
+        return self._remember(rec)
+
+    def _staging(self) -> Path:
+        staging = self.folder / INCOMING
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def add_file(
+        self,
+        src: Path,
+        name: str = "",
+        *,
+        source: str = "upload",
+        original_name: str | None = None,
+        trigger_words: Iterable[str] = (),
+    ) -> LoraRecord:
+        """Verify a local file (an upload) and copy it into the library (default name: its file name)."""
+        name = (name or "").strip()
+        if name:
+            validate_name(name)
         src = Path(src)
+        if not src.is_file():
+            raise ValueError(f"uploaded file {src.name!r} is missing or not a file")
         size = src.stat().st_size
         if size > self.max_bytes:
-            raise ValueError(self._too_big(size))
-        info = inspect_lora_file(src)  # raises LoraRefused (a ValueError) before anything is copied
+            from .lora_formats import LoraRefused
+
+            raise LoraRefused(self._too_big(size))
+        fd, tmp = tempfile.mkstemp(dir=self._staging(), prefix=".upload.", suffix=".incomplete")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            info = self._verify(Path(tmp))  # the copy is judged, not the original that may still change
+            default = name_from_filename(original_name or src.name) or f"lora-{info.sha256[:8]}"
+            return self._install(Path(tmp), info, name or default, source=source, trigger_words=trigger_words)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def add_source(
+        self,
+        source: str,
+        name: str = "",
+        *,
+        token: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> LoraRecord:
+        """Add a LoRA from an http(s) URL, `owner/repo` or `owner/repo/path/file.safetensors`.
+
+        URLs are judged by content (Civitai's `/api/download/models/N` has no
+        extension); the default name comes from Content-Disposition or the URL,
+        the Hub repo or file name.  Refusals raise ValueError (LoraRefused,
+        URLRefusedError, AmbiguousSourceError, DownloadTooLargeError) or
+        DownloadError; nothing is left behind.
+        """
+        from . import downloads, netsafe
+
+        name = (name or "").strip()
+        if name:
+            validate_name(name)  # before any transfer
+        src = downloads.parse_source(source)
+        if src.kind == "url":
+            netsafe.check_url(src.url, allow_private=self.allow_private)  # fail fast; every hop is checked again
+            label, identity = netsafe.redact_url(src.url), src.url
+        else:
+            label = f"hf://{src.repo_id}" + (f"/{src.filename}" if src.filename else "")
+            label += f"@{src.revision}" if src.revision else ""
+            identity = label
+        key = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
         self.folder.mkdir(parents=True, exist_ok=True)
-        final = self.folder / f"{name}.safetensors"
-        with self._mutex, FileLock(str(self.folder / f".{name}.safetensors.lock")):
-            existing = self._read_registry().get(name)
-            if final.exists() or existing:
-                same = existing and existing.get("sha256") == info.sha256
-                if same:
-                    return self.get(name)
-                raise ValueError(f"a LoRA named {name!r} already exists; pick another name")
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".incomplete")
+        with FileLock(str(self.folder / f".source-{key}.lock")):
+            # Checked again under the lock: another process may have just added it.
+            done = self._added_from(label, name)
+            if done is not None:
+                log.info("LoRA source %s is already in the library as %s", label, done.name)
+                return done
+            staging = self._staging()
+            staged = staging / f"{key}{LORA_SUFFIX}"
+            staged.unlink(missing_ok=True)  # a verified leftover of a process killed before it installed
+            verdicts = []
+
+            def verify(tmp: Path) -> None:
+                verdicts.append(self._verify(tmp))
+
             try:
-                with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                    shutil.copyfileobj(inp, out, 1024 * 1024)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return self.register(final, source=source, trigger_words=trigger_words)
+                if src.kind == "url":
+                    result = downloads.download_url(
+                        src.url, staging, filename=staged.name, max_bytes=self.max_bytes,
+                        allow_private=self.allow_private, verify=verify, progress=progress,
+                    )
+                    default = name_from_filename(result.suggested_filename)
+                    words: list[str] = []
+                else:
+                    result = downloads.download_hub(
+                        src.repo_id, src.filename, staging, token=token, max_bytes=self.max_bytes,
+                        revision=src.revision, dest_filename=staged.name, verify=verify, progress=progress,
+                    )
+                    stem = name_from_filename(result.suggested_filename)
+                    repo_name = name_from_filename(src.repo_id.split("/", 1)[1])
+                    default = repo_name if src.filename is None or (stem or "").lower() in GENERIC_STEMS else stem
+                    prompt = downloads.hub_instance_prompt(src.repo_id, token=token)
+                    words = [prompt] if prompt else []
+                info = verdicts[-1] if verdicts else self._verify(result.path)
+                return self._install(
+                    result.path, info, name or default or f"lora-{info.sha256[:8]}", source=label, trigger_words=words
+                )
+            finally:
+                staged.unlink(missing_ok=True)
 
-    def register(self, file: Path, *, source: str, trigger_words: Iterable[str] = ()) -> LoraRecord:
-        """Record where a file already in the folder came from, then rescan."""
-        with self._mutex, self._lock:
-            registry = self._read_registry()
-            name = file.stem
-            st = file.stat()
-            rec = self._judge(file, None)
-            rec.source = source
-            extra = [w for w in trigger_words if w]
-            if extra:
-                rec.trigger_words = list(dict.fromkeys(extra + rec.trigger_words))
-            registry[name] = asdict(rec)
-            rec.mtime = st.st_mtime
-            self._write_registry({n: LoraRecord(**r) for n, r in registry.items()})
-        self.scan()
-        return self.get(name)
+    def _added_from(self, label: str, name: str) -> LoraRecord | None:
+        for rec in self._read_registry().values():
+            if rec.source != label or (name and rec.name != name) or rec.state == "refused":
+                continue
+            if (self.folder / rec.file).is_file():
+                try:
+                    return self.get(rec.name)
+                except ValueError:
+                    return None
+        return None
 
-    def delete(self, name: str, in_use: Iterable[str] = ()) -> None:
+    # ---- deleting --------------------------------------------------------
+    def delete(self, name: str, in_use: Iterable[str] = ()) -> LoraRecord:
+        """Remove a LoRA's file and record; refused (LoraInUse) when `name` is in `in_use`."""
         rec = self.get(name)
         if name in set(in_use):
-            raise ValueError(f"LoRA {name!r} is in use by a running job or the loaded pipeline; try again later")
-        with self._mutex, self._lock:
+            raise LoraInUse(f"LoRA {name!r} is used by the running job; delete it when that job has ended")
+        if Path(rec.file).name != rec.file or rec.file.startswith("."):
+            raise ValueError(f"LoRA {name!r} has an invalid file name {rec.file!r} in the registry")
+        with self._mutex, self._registry_lock:
             (self.folder / rec.file).unlink(missing_ok=True)
             registry = self._read_registry()
-            registry.pop(name, None)
-            self._write_registry({n: LoraRecord(**r) for n, r in registry.items()})
+            if registry.pop(name, None) is not None:
+                self._write_registry(registry)
             self._records.pop(name, None)
+        self._fit_cache.pop(rec.sha256, None)
+        log.info("deleted LoRA %s (%s)", name, rec.file)
+        return rec

@@ -60,6 +60,7 @@ class Paths:
 @dataclass(frozen=True)
 class Settings:
     model: str = TINY_MODEL
+    base_model: str = ""  # single-file transformers: where the other components come from ("" = guess)
     home: Path = DEFAULT_HOME
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{TINY_MODEL}",
     )
     p.add_argument(
+        "--base-model",
+        default=None,
+        help="for a single-file --model (.safetensors/.gguf transformer): the Hub id or diffusers folder "
+        "that gives the text encoders, VAE, scheduler and transformer config. Env: MASUKA_BASE_MODEL. "
+        "Default: black-forest-labs/FLUX.1-schnell if the file name says schnell, else "
+        "black-forest-labs/FLUX.1-dev (gated: needs HF_TOKEN)",
+    )
+    p.add_argument(
         "--home",
         default=None,
         help="folder for the job database, the LoRA library, output images and the built-in "
@@ -163,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         default=None,
         choices=MEMORY_PROFILES,
-        help="GPU memory profile. Env: MASUKA_MEMORY. Default: auto",
+        help="where the weights live: full (all on the GPU), offload (model CPU offload), lowvram "
+        "(sequential offload, slow), quantized (NF4 or GGUF transformer, 8-bit T5; needs "
+        "requirements-gpu.txt), auto (picked from GPU memory and RAM, and says why). "
+        "See docs/memory-profiles.md. Env: MASUKA_MEMORY. Default: auto",
     )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer's repeated blocks")
     p.add_argument("--queue-size", type=int, default=None, help="max jobs waiting in the queue. Env: MASUKA_QUEUE_SIZE. Default: 20")
@@ -211,6 +223,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     lora_mb = _pick(args.lora_max_mb, env, "MASUKA_LORA_MAX_MB", DEFAULT_LORA_MAX_BYTES // 1024**2, int)
     settings = Settings(
         model=_pick(args.model, env, "MASUKA_MODEL", TINY_MODEL),
+        base_model=_pick(args.base_model, env, "MASUKA_BASE_MODEL", ""),
         home=Path(_pick(args.home, env, "MASUKA_HOME", str(DEFAULT_HOME))).expanduser().resolve(),
         host=_pick(args.host, env, "GRADIO_SERVER_NAME", "127.0.0.1"),
         port=_pick(args.port, env, "GRADIO_SERVER_PORT", DEFAULT_PORT, int),
