@@ -42,7 +42,12 @@ def history_columns() -> list[str]:
 
 
 def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
-    """Define the API endpoints inside the current `gr.Blocks` context."""
+    """Define the API endpoints inside the current `gr.Blocks` context.
+
+    `rate_limiter` (a `masuka.ratelimit.RateLimiter`) defaults to the manager's
+    (`build_studio` sets it from `--rate-limit`)."""
+    if rate_limiter is None:
+        rate_limiter = getattr(manager, "rate_limiter", None)
 
     def generate(
         prompt: str,
@@ -100,14 +105,14 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
         """The full record of one job: parameters, seeds, outputs, error and traceback."""
         try:
             return public_record(manager.jobs.get(str(job_id)))
-        except JobNotFound:
+        except (JobNotFound, ValueError):  # ValueError: an empty id
             raise gr.Error(f"no job with id {job_id!r}") from None
 
     def cancel(job_id: str, request: gr.Request = None) -> dict:
         """Cancel a running job. Returns {"job_id", "cancelled": bool, "status"}."""
         try:
             record = manager.jobs.get(str(job_id))
-        except JobNotFound:
+        except (JobNotFound, ValueError):  # ValueError: an empty id
             raise gr.Error(f"no job with id {job_id!r}") from None
         user = user_of(request)
         if user and record.get("user") and record["user"] != user:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .settings import Settings
@@ -28,6 +29,27 @@ def check_share_policy(settings: Settings) -> None:
         raise ShareWithoutPassword(SHARE_HELP)
 
 
+def check_served_folder(settings: Settings) -> None:
+    """Refuse an outputs folder that would serve more than images.
+
+    Gradio serves everything under the outputs folder to whoever holds the link (and
+    password); a folder that holds the home, the LoRAs or the database (say a Drive
+    root) would hand those out too.
+    """
+    paths = settings.paths
+    outputs = paths.outputs.resolve()
+    private = [paths.home, paths.loras, paths.db, paths.models, Path.home()]
+    if paths.db_backup is not None:
+        private.append(paths.db_backup)
+    for other in private:
+        other = other.resolve()
+        if other == outputs or outputs in other.parents:
+            raise ValueError(
+                f"the outputs folder {outputs} holds {other}; everything in the outputs folder is "
+                "served to the link's users, so give it a folder of its own (e.g. <drive>/masuka-outputs)"
+            )
+
+
 @dataclass
 class Studio:
     settings: Settings
@@ -42,6 +64,7 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
     from .lora_cache import LoraStateCache
     from .loras import LoraLibrary
     from .models import load_pipeline
+    from .ratelimit import limiter_for
 
     paths = settings.paths
     paths.create()
@@ -71,6 +94,7 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
         lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
     )
     manager.settings = settings
+    manager.rate_limiter = limiter_for(settings.rate_limit_per_minute)
     backup = None
     if paths.db_backup is not None:
         from .backup import DbBackup
@@ -83,7 +107,11 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
 
 def launch(settings: Settings, *, block: bool = True, studio: Studio | None = None, **launch_kwargs):
     """Launch the app; returns (demo, local_url, share_url)."""
+    for key in ("share", "auth", "allowed_paths", "blocked_paths"):
+        if key in launch_kwargs:  # the password and file checks only see Settings
+            raise TypeError(f"launch() takes {key} from Settings, not as a keyword")
     check_share_policy(settings)
+    check_served_folder(settings)
     if studio is None:
         studio = build_studio(settings)
     from .ui import create_demo
@@ -93,7 +121,9 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
     kwargs: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,
-        share=settings.share,
+        # Always explicit: left as None, Gradio decides by itself (on Colab, or from
+        # GRADIO_SHARE) and could open a tunnel our password check never saw.
+        share=bool(settings.share),
         auth=settings.auth,
         allowed_paths=[str(settings.paths.outputs)],
         blocked_paths=[
