@@ -109,6 +109,10 @@ class GeneratorManager:
         self._state = threading.Lock()  # guards _active
         self._active: _ActiveJob | None = None
         self._adapters: dict[str, tuple[ResolvedLora, float]] = {}  # adapter name -> (lora, scale)
+        self._lora_strategy = "none"  # how _adapters is applied: "fused", "adapters" or "none"
+        self._fused = None  # fastlora.FusedState while the strategy is "fused"
+        self._fallback_reason: str | None = None  # why the last LoRA set could not be fused
+        self.inexact_restores = 0  # fused restores whose checksum failed (must stay 0)
         from .lora_cache import LoraStateCache
 
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
@@ -312,18 +316,95 @@ class GeneratorManager:
         )
 
     # ---- LoRAs -----------------------------------------------------------
+    @property
+    def lora_strategy(self) -> str:
+        """How the active LoRAs are applied: "fused" (fast path), "adapters" (diffusers/peft) or "none"."""
+        return self._lora_strategy if self._adapters else "none"
+
+    def lora_status(self) -> dict[str, Any]:
+        """What the pipeline holds now (for the UI, benchmarks and tests)."""
+        fused = self._fused
+        return {
+            "strategy": self.lora_strategy,
+            "loras": self.active_loras(),
+            "fused_modules": len(fused.modules) if fused else 0,
+            "restore_entries": fused.fix_entries if fused else 0,
+            "restore_bytes": fused.nbytes() if fused else 0,
+            "fallback_reason": self._fallback_reason,
+            "inexact_restores": self.inexact_restores,
+            "cache_bytes": self.lora_cache.used_bytes,
+        }
+
+    def set_loras(self, loras: str | tuple[LoraChoice, ...]) -> dict[str, Any]:
+        """Make the pipeline hold exactly these LoRAs now, outside a job (warm-up, benchmarks);
+        the same path a job takes.  ``loras`` is a spec like "a:0.8,b" or LoraChoice tuple."""
+        from .validation import parse_lora_spec
+
+        choices = parse_lora_spec(loras) if isinstance(loras, str) else tuple(loras)
+        with self._gpu:
+            self._apply_loras(choices)
+        return self.lora_status()
+
     def _apply_loras(self, choices: tuple[LoraChoice, ...]) -> None:
-        """Make the pipeline hold exactly the requested adapters at the requested scales."""
-        pipe = self.loaded.pipe
+        """Make the pipeline hold exactly the requested LoRAs at the requested scales.
+
+        Fast path: fuse into the weights (exact restore, see masuka.fastlora).  LoRAs it
+        cannot express go through diffusers' adapters instead (all of the set, then).
+        A LoRA that does not fit is refused before any weight changes; any failure after
+        that leaves the pipeline with no LoRA at all, never half of a set.
+        """
+        from . import fastlora
+
         wanted: dict[str, tuple[ResolvedLora, float]] = {}
         for choice in choices:
             lora = self.loras.resolve(choice.name)
             wanted[adapter_name(lora)] = (lora, choice.scale)
-        if not wanted:
-            if self._adapters:
-                pipe.unload_lora_weights()
-                self._adapters = {}
+        # A fixed order: the same set at the same scales always fuses to the same bits.
+        wanted = dict(sorted(wanted.items()))
+        if wanted == self._adapters:
             return
+        if not wanted:
+            self._clear_loras()
+            return
+        resolution = self._fast_resolution(wanted)  # may refuse; nothing is touched yet
+        self._fallback_reason = resolution.fallback_reason
+        if resolution.fallback_reason is not None:
+            log.info("LoRA fast path not used (%s): diffusers adapters", resolution.fallback_reason)
+            self._apply_adapters(wanted)
+            return
+        self._clear_loras()
+        try:
+            # fuse() restores what it fused so far before an exception leaves it.
+            self._fused = fastlora.fuse(resolution.targets, compute_device=self._fuse_device())
+        except Exception:
+            log.warning("LoRA fuse failed; the pipeline holds no LoRA")
+            raise
+        self._adapters, self._lora_strategy = dict(wanted), "fused"
+
+    def _fast_resolution(self, wanted: dict[str, tuple[ResolvedLora, float]]):
+        from . import fastlora
+
+        pin = self._fuse_device() is not None
+
+        def build(state: dict[str, Any]) -> fastlora.FusePlan:
+            try:
+                return fastlora.build_plan(state, pin=pin)
+            except Exception as exc:  # diffusers' adapter path gives the real error, if any
+                log.warning("LoRA fast-path conversion failed (%s: %s)", type(exc).__name__, exc)
+                return fastlora.FusePlan((), f"conversion failed: {type(exc).__name__}")
+
+        plans = [(self.lora_cache.get_plan(lora, build), scale) for lora, scale in wanted.values()]
+        return fastlora.resolve_targets(fastlora.pipeline_components(self.loaded.pipe), plans)
+
+    def _fuse_device(self):
+        """The GPU when there is one (weights offloaded to the CPU are fused there too)."""
+        device = self.loaded.device
+        return device if getattr(device, "type", str(device)) == "cuda" else None
+
+    def _apply_adapters(self, wanted: dict[str, tuple[ResolvedLora, float]]) -> None:
+        pipe = self.loaded.pipe
+        if self._lora_strategy != "adapters":
+            self._clear_loras()
         stale = [name for name in self._adapters if name not in wanted]
         try:
             if stale:
@@ -334,6 +415,7 @@ class GeneratorManager:
                     pipe.delete_adapters(stale)
                 for name in stale:
                     del self._adapters[name]
+            self._lora_strategy = "adapters"
             for name, (lora, scale) in wanted.items():
                 if name not in self._adapters:
                     state = self.lora_cache.get(lora)
@@ -351,11 +433,30 @@ class GeneratorManager:
             self._unload_all()
             raise RuntimeError(f"adapters {sorted(active)} are active, expected {sorted(wanted)}")
 
+    def _clear_loras(self) -> None:
+        """Back to the original weights: restore what is fused, unload adapters."""
+        from . import fastlora
+
+        fused, self._fused = self._fused, None
+        try:
+            if fused is not None:
+                try:
+                    fastlora.restore(fused)
+                except fastlora.RestoreNotExact as exc:
+                    # Cannot happen unless the weights were changed behind our back; the
+                    # images stay correct to rounding, so say it loudly and keep serving.
+                    self.inexact_restores += 1
+                    log.error("LoRA restore was not bit-exact: %s", exc)
+            if self._lora_strategy == "adapters" and self._adapters:
+                self.loaded.pipe.unload_lora_weights()
+        finally:
+            self._adapters, self._lora_strategy = {}, "none"
+
     def _unload_all(self) -> None:
         try:
             self.loaded.pipe.unload_lora_weights()
         finally:
-            self._adapters = {}
+            self._adapters, self._lora_strategy = {}, "none"
 
 
 IMAGES_HEADROOM = 8  # a random seed leaves room for seed + i of every image
