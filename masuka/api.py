@@ -7,17 +7,25 @@ all the manager's; here `ValueError` and `JobFailed` become `gr.Error`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
 
+from .downloads import DownloadError
 from .generator import GeneratorManager, JobFailed
 from .jobs import JobNotFound
 
 log = logging.getLogger(__name__)
 
 GPU_GROUP = "gpu"  # generation and LoRA loading share the one GPU
+# Adding a LoRA is a download plus a check on the CPU (the fit check reads a
+# shape-only copy of the transformer); it never touches the pipeline, which loads
+# LoRAs inside a job.  So it has its own small group: a long download never holds
+# up generation, and a few run side by side.
+LORA_ADD_GROUP = "lora-add"
+LORA_ADD_LIMIT = 2
 
 
 def user_of(request: gr.Request | None) -> str | None:
@@ -121,10 +129,72 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
         status = manager.jobs.get(str(job_id))["status"]
         return {"job_id": job_id, "cancelled": cancelled, "status": status}
 
+    def add_lora(source: str = "", name: str = "", file: FileData | None = None) -> dict:
+        """Add a LoRA: `source` is an http(s) link to a .safetensors file, a Hub repo `owner/repo`
+        (its single .safetensors) or `owner/repo/path/file.safetensors`; or upload `file`
+        (gradio_client.handle_file). `name` is optional (letters, digits, '.', '_', '-').
+        Returns the LoRA record: name, sha256, size_bytes, source, format, trigger_words, state."""
+        return add_lora_to_library(manager, source, name, file).public()
+
+    def delete_lora(name: str) -> dict:
+        """Delete a LoRA from the library (refused while a running job uses it). Returns its record."""
+        try:
+            record = manager.delete_lora(str(name).strip())
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return {**record.public(), "deleted": True}
+
     gr.api(generate, api_name="generate", concurrency_id=GPU_GROUP, concurrency_limit=1)
+    gr.api(add_lora, api_name="add_lora", concurrency_id=LORA_ADD_GROUP, concurrency_limit=LORA_ADD_LIMIT)
+    gr.api(delete_lora, api_name="delete_lora", concurrency_limit=None)
     for fn in (loras, history, job, cancel):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
 
 
 def _session(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
+
+
+def uploaded_file(file: Any) -> tuple[Path, str | None] | None:
+    """(temp path, original name) of a file uploaded through Gradio, or None.
+
+    gr.api hands the FileData over as a dict; only a file in Gradio's upload folder is
+    accepted (a bare path string, or any other place on disk, is refused: a client must
+    not make the server import its own files).
+    """
+    if file is None or file == "":
+        return None
+    if isinstance(file, FileData):
+        raw_path, orig = file.path, file.orig_name
+    elif isinstance(file, dict) and isinstance(file.get("path"), str):
+        raw_path, orig = file["path"], file.get("orig_name")
+    else:
+        raise ValueError("file must be an upload (in Python: gradio_client.handle_file(path))")
+    from gradio.utils import get_upload_folder
+
+    path = Path(raw_path).resolve()
+    if not path.is_relative_to(Path(get_upload_folder()).resolve()) or not path.is_file():
+        raise ValueError("file must be an upload (in Python: gradio_client.handle_file(path))")
+    return path, orig if isinstance(orig, str) and orig else None
+
+
+def add_lora_to_library(manager: GeneratorManager, source: str, name: str, file: Any, progress=None):
+    """The one edge for adding a LoRA (API and page): library errors become gr.Error."""
+    source = (source or "").strip() if isinstance(source, str) else ""
+    name = (name or "").strip() if isinstance(name, str) else ""
+    try:
+        upload = uploaded_file(file)
+        if upload is not None and source:
+            raise ValueError("give either a source or a file to upload, not both")
+        if upload is not None:
+            return manager.loras.add_file(upload[0], name, source="upload", original_name=upload[1])
+        if not source:
+            raise ValueError(
+                "nothing to add: give a source (an http(s) link, owner/repo or "
+                "owner/repo/path/file.safetensors) or upload a .safetensors file"
+            )
+        return manager.loras.add_source(source, name, progress=progress)
+    except (ValueError, DownloadError) as exc:
+        raise gr.Error(str(exc)) from None
+    except OSError as exc:
+        raise gr.Error(f"could not write the LoRA into the library: {exc.strerror or exc}") from None

@@ -70,6 +70,7 @@ class _ActiveJob:
     job_id: str
     session: str | None
     cancel: threading.Event = field(default_factory=threading.Event)
+    loras: frozenset[str] = frozenset()  # names the job asked for (deleting them is refused)
 
 
 def adapter_name(lora: ResolvedLora) -> str:
@@ -128,16 +129,28 @@ class GeneratorManager:
         return [{"name": lora.name, "scale": scale} for lora, scale in self._adapters.values()]
 
     def loras_in_use(self) -> set[str]:
-        """LoRA names the pipeline holds or a running job asked for (deleting them is refused)."""
-        names = {lora.name for lora, _ in self._adapters.values()}
+        """LoRA names the running job asked for (deleting them is refused).
+
+        A LoRA merely still held by the pipeline from an earlier job does not count:
+        the next job's swap drops whatever it does not ask for.
+        """
         with self._state:
-            if self._active is not None:
-                try:
-                    record = self.jobs.get(self._active.job_id)
-                    names |= {lc["name"] for lc in record["loras"]}
-                except KeyError:
-                    pass
-        return names
+            return set(self._active.loras) if self._active is not None else set()
+
+    def delete_lora(self, name: str):
+        """Delete a LoRA from the library unless the running job uses it; returns its record."""
+        from .loras import LoraInUse
+
+        self.loras.get(name)  # scan first if need be, outside the state lock
+        with self._state:  # no job can start using it between the check and the delete
+            if self._active is not None and name in self._active.loras:
+                raise LoraInUse(
+                    f"LoRA {name!r} is used by the running job {self._active.job_id}; "
+                    "delete it when that job has ended (or cancel it)"
+                )
+            record = self.loras.delete(name)
+        self.lora_cache.forget(record.sha256)
+        return record
 
     def running_job_id(self) -> str | None:
         with self._state:
@@ -196,7 +209,7 @@ class GeneratorManager:
         if on_job is not None:
             on_job(job_id)
         with self._gpu:
-            active = _ActiveJob(job_id, session)
+            active = _ActiveJob(job_id, session, loras=frozenset(lc.name for lc in request.loras))
             with self._state:
                 self._active = active
             try:

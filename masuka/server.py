@@ -78,12 +78,13 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
         log.warning("marked %d job(s) interrupted (their process ended): %s", len(interrupted), interrupted)
     if loaded is None:
         loaded = load_pipeline(settings)
-    from .lora_formats import check_fits
+    from .loras import fit_checker
 
     library = LoraLibrary(
         paths.loras,
         max_bytes=settings.lora_max_bytes,
-        fits=lambda file: check_fits(file, loaded.pipe.transformer),
+        fits=fit_checker(loaded.pipe.transformer),
+        allow_private=settings.allow_private_urls,
     )
     library.scan()
     manager = GeneratorManager(
