@@ -71,10 +71,15 @@ class LoraRecord:
     mtime: float = 0.0
     state: str = "usable"  # usable | refused | not fitting
     reason: str = ""
+    # Fit verdicts per model shape (fit_checker's key): "" fits, else why not.  Kept in
+    # the registry so a start does not read every LoRA again; processes running other
+    # models on the same home keep their own verdicts.
+    fits: dict[str, str] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("mtime")
+        d.pop("fits")
         return d
 
     @classmethod
@@ -122,18 +127,29 @@ def fit_checker(transformer: Any) -> FitChecker:
 
     The live transformer gains and loses LoRA layers while jobs run, and fit checks
     (an add, a scan) run beside jobs; the copy never changes and costs no memory.
+    The returned function's `key` names the shapes (a hash of every linear layer's
+    name and size), under which verdicts are kept in the registry.
     """
+    import torch
+
     from .lora_formats import check_fits
 
     shadow = transformer
     try:
-        import torch
-
         with torch.device("meta"):
             shadow = type(transformer).from_config(transformer.config)
     except Exception as exc:  # noqa: BLE001 - any model class: fall back to the live module
         log.info("no shape-only copy of the transformer (%s); fit checks read the live one", exc)
-    return lambda file: check_fits(file, shadow)
+    digest = hashlib.sha256()
+    for module_name, module in shadow.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            digest.update(f"{module_name}:{module.in_features}x{module.out_features};".encode())
+
+    def fits(file: Path) -> str | None:
+        return check_fits(file, shadow)
+
+    fits.key = digest.hexdigest()[:16]  # type: ignore[attr-defined]
+    return fits
 
 
 class LoraLibrary:
@@ -244,7 +260,7 @@ class LoraLibrary:
         rec.trigger_words = list(info.trigger_words)
         if old is not None and old.sha256 == info.sha256:
             # Same bytes, new mtime (a sync tool touched it): keep where it came from.
-            rec.source, rec.added_at = old.source, old.added_at
+            rec.source, rec.added_at, rec.fits = old.source, old.added_at, dict(old.fits)
             rec.trigger_words = list(old.trigger_words) or rec.trigger_words
         return rec
 
@@ -254,9 +270,16 @@ class LoraLibrary:
             "(MASUKA_LORA_MAX_MB / --lora-max-mb)"
         )
 
+    @property
+    def _fit_key(self) -> str | None:
+        return getattr(self.fits, "key", None)
+
     def _fit_reason(self, rec: LoraRecord) -> str | None:
         if self.fits is None or rec.state != "usable":
             return None
+        key = self._fit_key
+        if key is not None and key in rec.fits:
+            return rec.fits[key] or None
         if rec.sha256 not in self._fit_cache:
             try:
                 self._fit_cache[rec.sha256] = self.fits(self.folder / rec.file)
@@ -265,14 +288,32 @@ class LoraLibrary:
                 return f"cannot be checked against this model: {exc}"
         return self._fit_cache[rec.sha256]
 
-    def _with_fit(self, rec: LoraRecord) -> LoraRecord:
-        reason = self._fit_reason(rec)
-        if reason:
-            return replace(rec, state="not fitting", reason=reason)
-        return rec
+    def _with_fits(self, records: Iterable[LoraRecord]) -> list[LoraRecord]:
+        """Records with this model's fit verdict applied; new verdicts are saved in the registry."""
+        out, new = [], {}
+        key = self._fit_key
+        for rec in records:
+            reason = self._fit_reason(rec)
+            if key is not None and rec.state == "usable" and key not in rec.fits and rec.sha256 in self._fit_cache:
+                new[rec.sha256] = reason or ""
+            out.append(replace(rec, state="not fitting", reason=reason) if reason else rec)
+        if new:
+            self._save_fits(key, new)
+        return out
+
+    def _save_fits(self, key: str, verdicts: dict[str, str]) -> None:
+        with self._mutex, self._registry_lock:
+            registry = self._read_registry()
+            changed = False
+            for rec in registry.values():
+                if rec.sha256 in verdicts and rec.fits.get(key) != verdicts[rec.sha256]:
+                    rec.fits = {**rec.fits, key: verdicts[rec.sha256]}
+                    changed = True
+            if changed:
+                self._write_registry(registry)
 
     def _remember(self, rec: LoraRecord) -> LoraRecord:
-        rec = self._with_fit(rec)
+        (rec,) = self._with_fits([rec])
         with self._mutex:
             self._records[rec.name] = rec
         return rec
@@ -317,10 +358,10 @@ class LoraLibrary:
                 records[rec.name] = rec
             if {n: asdict(r) for n, r in records.items()} != {n: asdict(r) for n, r in current.items()}:
                 self._write_registry(records)
-        fitted = {name: self._with_fit(rec) for name, rec in records.items()}
+        fitted = self._with_fits(records.values())
         with self._mutex:
-            self._records = fitted
-        return list(fitted.values())
+            self._records = {rec.name: rec for rec in fitted}
+        return fitted
 
     def _clean_leftovers(self) -> None:
         """Temp files and staged transfers of killed processes (old, and nobody holds their lock)."""

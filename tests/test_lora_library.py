@@ -269,6 +269,15 @@ def test_hand_dropped_files_are_verified_on_scan(tmp_path, files):
     assert states["sdxl"][0] == "refused" and "SDXL" in states["sdxl"][1]
     assert states["real"][0] == "not fitting" and "do not fit this model" in states["real"][1]
     assert lib.get("good").source == "folder" and lib.get("good").trigger_words == ["neon glow"]
+    # The verdicts are kept: a restart on the same model reads no LoRA again.
+    checker = fit_checker(files.transformer)
+
+    def must_not_run(file):
+        raise AssertionError(f"{file} checked again")
+
+    must_not_run.key = checker.key
+    again = {r.name: r.state for r in library(tmp_path, fits=must_not_run).scan()}
+    assert again == {name: state for name, (state, _) in states.items()}
     # A file replaced by hand is judged again; a refused one can be deleted.
     (lib.folder / "good.safetensors").write_bytes(files.truncated.read_bytes())
     assert lib.get("good").state == "refused"
