@@ -368,11 +368,16 @@ class LoraLibrary:
         from .downloads import cleanup_stale_partials
 
         incoming = self.folder / INCOMING
-        cleanup_stale_partials(self.folder, STALE_SECONDS)
         cleanup_stale_partials(incoming, STALE_SECONDS)
+        now = time.time()
+        for tmp in self.folder.glob(".registry.*.tmp"):  # a registry write cut by a kill
+            try:
+                if now - tmp.stat().st_mtime > STALE_SECONDS:
+                    tmp.unlink()
+            except FileNotFoundError:
+                continue
         if not incoming.is_dir():
             return
-        now = time.time()
         for staged in incoming.glob(f"*{LORA_SUFFIX}"):
             try:
                 if now - staged.stat().st_mtime < STALE_SECONDS:

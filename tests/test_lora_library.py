@@ -167,6 +167,21 @@ def test_sigkill_mid_download_leaves_nothing_that_looks_complete(server, tmp_pat
     assert lib.add_source(url, "killed").sha256 == hashlib.sha256(data).hexdigest()
 
 
+def test_scan_removes_old_leftovers_of_killed_processes(tmp_path, files):
+    lib = library(tmp_path)
+    incoming = lib.folder / ".incoming"
+    incoming.mkdir(parents=True)
+    old = [incoming / ".0123abcd.safetensors.k2j4h5g6.incomplete", incoming / "0123abcd.safetensors",
+           lib.folder / ".registry.x1y2z3.tmp"]
+    fresh = incoming / ".4567cdef.safetensors.a1b2c3d4.incomplete"
+    for p in old + [fresh]:
+        p.write_bytes(b"partial")
+    for p in old:
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
+    assert lib.scan() == []
+    assert [p for p in old if p.exists()] == [] and fresh.exists()  # a recent one may still be running
+
+
 # --------------------------------------------------------------------------- refusals
 
 
