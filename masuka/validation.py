@@ -195,3 +195,26 @@ def validate_request(
         num_images=check_int("num_images", 1 if num_images is None else num_images, IMAGES_MIN, IMAGES_MAX),
         notes=tuple(notes),
     )
+
+
+def aspect_size(ratio_w: int, ratio_h: int, area: int) -> tuple[int, int]:
+    """(width, height) of about `area` pixels in the ratio ratio_w:ratio_h, each a valid size.
+
+    Sides are multiples of SIZE_STEP within SIZE_MIN..SIZE_MAX; when the area would push a
+    side out of bounds the whole rectangle is scaled, so the ratio holds as well as it can.
+    """
+    if ratio_w <= 0 or ratio_h <= 0 or area <= 0:
+        raise ValueError(f"aspect ratio {ratio_w}:{ratio_h} and area {area} must be positive")
+    width = math.sqrt(area * ratio_w / ratio_h)
+    height = width * ratio_h / ratio_w
+    grow = SIZE_MIN / min(width, height)
+    if grow > 1:
+        width, height = width * grow, height * grow
+    shrink = SIZE_MAX / max(width, height)
+    if shrink < 1:
+        width, height = width * shrink, height * shrink
+
+    def snap(side: float) -> int:
+        return min(SIZE_MAX, max(SIZE_MIN, int(round(side / SIZE_STEP)) * SIZE_STEP))
+
+    return snap(width), snap(height)
