@@ -94,6 +94,15 @@ class Report:
         log.info("| %s | %s | %s | %s | %s | %s | %s |", row.section, row.what, row.raw, row.masuka,
                  row.ratio, row.goal, row.verdict)
 
+    def flush(self, out: str | None) -> None:
+        """Write what is measured so far (a run cut short still leaves its table)."""
+        if not out:
+            return
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bench.md").write_text(self.markdown(), encoding="utf-8")
+        (folder / "bench.json").write_text(json.dumps(self.data, indent=1, default=str), encoding="utf-8")
+
     def markdown(self) -> str:
         lines = [
             f"# MASUKA benchmark ({self.mode} mode) on {self.device_name}",
@@ -622,13 +631,22 @@ def run(args) -> Report:
             try:
                 gen = bench_generation(report, pipe, tm, variant, args.size, args.iters, device)
                 if device.type == "cuda":
-                    report.data[f"peak_gib_{variant.name}"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30
+                    report.data[f"peak_gib_{variant.name}"] = peak
+                    report.add(f"{variant.name}", "peak GPU memory allocated (whole pipeline + activations)",
+                               "", f"{peak:.1f} GiB", "", "", "")
+                report.flush(args.out)
                 if index == len(variants) - 1:
                     bench_empty_cache(report, device)
                     bench_loras(report, pipe, tm, variant, args.size, device, args, deadline, gen["pipeline"])
+                    report.flush(args.out)
                     if args.compile:
                         if time.monotonic() < deadline - 60:
-                            bench_compile(report, pipe, tm, variant, args.size, device, f"r{args.ranks[0]}")
+                            try:
+                                bench_compile(report, pipe, tm, variant, args.size, device, f"r{args.ranks[0]}")
+                            except Exception as exc:  # an optional section: report, keep the rest
+                                log.exception("compile section failed")
+                                report.notes.append(f"--compile failed: {type(exc).__name__}: {str(exc)[:300]}")
                         else:
                             report.notes.append("--compile skipped: not enough of the time budget left")
             finally:
@@ -645,16 +663,12 @@ def run(args) -> Report:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    args.out = args.out or os.environ.get("OUT") or None
     report = run(args)
-    text = report.markdown()
-    sys.stdout.write("\n" + text)
-    out = args.out or os.environ.get("OUT")
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bench.md").write_text(text, encoding="utf-8")
-        (folder / "bench.json").write_text(json.dumps(report.data, indent=1, default=str), encoding="utf-8")
-        log.info("wrote %s", folder / "bench.md")
+    sys.stdout.write("\n" + report.markdown())
+    report.flush(args.out)
+    if args.out:
+        log.info("wrote %s", Path(args.out) / "bench.md")
     return 0
 
 
