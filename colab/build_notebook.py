@@ -6,7 +6,7 @@ tests/test_notebook.py can check the committed file is exactly what this script 
 Cell tags (used by tests/test_notebook.py, which runs the notebook on CPU in CI):
   parameters        the form fields; CI adds a cell after it with its own values (papermill style)
   ci-replace-clone  network: CI uses the checkout under test instead
-  ci-replace-pip    network: CI already has the requirements installed
+  ci-replace-pip    network: CI runs the same pip command with --dry-run --no-index (all installed)
   ci-launch         network (share link): CI launches without a share link and calls /generate once
 """
 
@@ -111,9 +111,10 @@ from pathlib import Path
 
 import torch
 
-# Colab's torch is built for its CUDA: pin it, so pip can never replace it.
+# Colab's torch is built for its CUDA: pin it, so pip can never replace it. The pin is the public
+# version ("2.5.1", not "2.5.1+cu121"): it matches whatever local build label the installed one has.
 pin = Path(WORK_DIR) / "torch-pin.txt"
-pin.write_text(f"torch=={torch.__version__}\\n")
+pin.write_text(f"torch=={version('torch').split('+')[0]}\\n")
 requirements = ["-r", "requirements.txt"]
 if torch.cuda.is_available():
     requirements += ["-r", "requirements-gpu.txt"]  # 4-bit models (bitsandbytes, GGUF)

@@ -2,7 +2,8 @@
 
 `google.colab` is a fake package on the kernel's path (drive.mount makes a folder, userdata.get
 reads a fake secret); the cells that need the network are swapped by tag for local equivalents:
-ci-replace-clone (use this checkout), ci-replace-pip (requirements already installed), ci-launch
+ci-replace-clone (use this checkout), ci-replace-pip (the same pip command, --dry-run --no-index:
+everything is installed, so it must resolve against the installed torch and its pin), ci-launch
 (no share link: launch on a free port, call /generate once through gradio_client, close).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
 
@@ -53,7 +55,8 @@ from pathlib import Path
 REPO_DIR = Path({str(ROOT)!r})  # CI: the checkout under test, no clone
 """
 
-CI_PIP = 'print("CI: the requirements are installed by the test environment")'
+PIP_COMMAND = '"install", "-q",'
+CI_PIP_FLAGS = '"install", "-q", "--dry-run", "--no-index",'  # CI: everything is installed; no network
 
 CI_LAUNCH = """\
 import json
@@ -144,7 +147,13 @@ def test_auto_model_choice(gpu_gb, ram_gb, token, expect):
 
 def prepared_notebook(work: Path) -> nbformat.NotebookNode:
     nb = read_notebook()
-    replacements = {"ci-replace-clone": CI_CLONE, "ci-replace-pip": CI_PIP, "ci-launch": CI_LAUNCH}
+    pip_cell = tagged(nb, "ci-replace-pip")[0].source
+    assert pip_cell.count(PIP_COMMAND) == 1
+    replacements = {
+        "ci-replace-clone": CI_CLONE,
+        "ci-replace-pip": pip_cell.replace(PIP_COMMAND, CI_PIP_FLAGS),  # the real cell, resolved offline
+        "ci-launch": CI_LAUNCH,
+    }
     cells = []
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
@@ -153,8 +162,10 @@ def prepared_notebook(work: Path) -> nbformat.NotebookNode:
             cell = new_code_cell(swap[0], metadata={"tags": tags})
         cells.append(cell)
         if "parameters" in tags:  # papermill style: CI values after the form
-            cells.append(new_code_cell(f"WORK_DIR = {str(work)!r}\nUSE_DRIVE = True",
-                                       metadata={"tags": ["injected-parameters"]}))
+            values = f"WORK_DIR = {str(work)!r}\nUSE_DRIVE = True"
+            if torch.cuda.is_available():  # "auto" would pick a real FLUX model there
+                values += '\nMODEL = "masuka/tiny-flux"'
+            cells.append(new_code_cell(values, metadata={"tags": ["injected-parameters"]}))
     nb.cells = cells
     return nb
 
@@ -203,11 +214,12 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, tiny_model_dir, monkeypatc
     assert not [o for c in code_cells for o in c.outputs if o.output_type == "error"]
     text = outputs_text(nb)
     assert FAKE_TOKEN not in text and "HF_TOKEN: found (hidden)" in text
+    assert "requirements installed; torch" in text and (work / "torch-pin.txt").read_text().startswith("torch==")
     password = re.search(r"^password: (\S+)$", text, re.M).group(1)
     assert len(password) >= 16
     result = json.loads(re.search(r"^CI-RESULT (.*)$", text, re.M).group(1))
     assert result["share"] is True and result["auth_user"] == "masuka"  # Colab launches a shared, locked app
-    assert result["model"] == "masuka/tiny-flux"  # auto on a machine without a GPU
+    assert result["model"] == "masuka/tiny-flux"  # what auto picks on a machine without a GPU
     assert result["status"] == "completed" and result["images"] == 1
     image = Path(result["outputs"][0])
     assert image.is_file() and image.is_relative_to(drive / "outputs")  # images on Drive
