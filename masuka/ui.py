@@ -188,8 +188,7 @@ def info_markdown(manager: GeneratorManager) -> str:
     ]
     if loaded.memory_profile != "full":
         parts.append(f"memory profile {loaded.memory_profile}")
-    running = manager.running_job_id()
-    parts.append(f"running job `{running}`" if running else "idle")
+    parts.append("generating" if manager.running_job_id() else "idle")  # not the job id: that is the owner's
     return " · ".join(parts)
 
 
@@ -226,6 +225,12 @@ def _columns(n: int) -> int:
 
 def _gallery_items(paths: Sequence[str | Path], seeds: Sequence[int]) -> list[tuple[str, str]]:
     return [(str(p), f"seed {s}") for p, s in zip(paths, seeds)]
+
+
+def job_images(record: dict[str, Any]) -> list[tuple[str, int]]:
+    """(path, seed) of a job's images still on disk."""
+    pairs = zip(record.get("outputs") or [], record.get("seeds") or [])
+    return [(str(p), int(s)) for p, s in pairs if Path(p).is_file()]
 
 
 # ---- the page ----------------------------------------------------------------
@@ -462,7 +467,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
                 "`--model black-forest-labs/FLUX.1-schnell` for real pictures.",
                 elem_id="demo-banner",
             )
-        job_images = gr.State([])  # [(path, seed)] of the job shown in the gallery
+        shown_images = gr.State([])  # [(path, seed)] of the job shown in the gallery
         last_seeds = gr.State([])
         picked = gr.State(None)  # path of the image picked in the gallery
         picked_history = gr.State(None)  # path of the image picked in the job detail
@@ -654,8 +659,8 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
                 record = manager.jobs.get(job_id)
             except JobNotFound:
                 return gr.update(visible=True), f"No job `{job_id}` (deleted?)", [], hidden, hidden, None, None
-            outputs = [p for p in record.get("outputs") or [] if Path(p).is_file()]
-            images = _gallery_items(outputs, record.get("seeds") or [])
+            pairs = job_images(record)
+            images = _gallery_items([p for p, _ in pairs], [s for _, s in pairs])
             error = record.get("error") or ""
             trace = record.get("traceback") or ""
             return (
@@ -671,8 +676,8 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         def on_pick_history(job_id, evt: gr.SelectData):
             if not job_id:
                 return None
-            outputs = manager.jobs.get(job_id).get("outputs") or []
-            return outputs[evt.index] if evt.index is not None and 0 <= evt.index < len(outputs) else None
+            pairs = job_images(manager.jobs.get(job_id))
+            return pairs[evt.index][0] if evt.index is not None and 0 <= evt.index < len(pairs) else None
 
         def on_reuse_job(job_id, picked_path):
             if picked_path:
@@ -700,13 +705,12 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         gen = check.success(
             on_generate,
             inputs,
-            [gallery, status, job_images, last_seeds, picked, picked_seed],
+            [gallery, status, shown_images, last_seeds, picked, picked_seed],
             concurrency_id=GPU_GROUP,
             concurrency_limit=1,
             show_progress_on=[gallery],
             api_visibility="private",
         )
-        form.prompt.submit(None, None, None, js="() => document.querySelector('#generate').click()")
         check.failure(show_failure, None, status, **FREE)
         gen.failure(show_failure, None, status, **FREE)
         gen.then(history_frame, [status_filter, search], table, **FREE).then(
@@ -727,12 +731,12 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         lora_refresh.click(lora_choice_updates, None, [d for d, _ in form.loras], **FREE)
 
         fill_outputs = form.fill_targets() + [tabs, status]
-        gallery.select(on_pick, job_images, [picked_seed, picked], **FREE)
+        gallery.select(on_pick, shown_images, [picked_seed, picked], **FREE)
         use_seed.click(on_use_seed, picked_seed, form.seed, **FREE)
         reuse_image.click(on_reuse_image, picked, fill_outputs, **FREE)
         b["drop"].upload(on_drop, b["drop"], fill_outputs, **FREE)
 
-        for trigger in (refresh.click, status_filter.change, search.submit, history_tab.select):
+        for trigger in (refresh.click, status_filter.change, history_tab.select):
             trigger(history_frame, [status_filter, search], table, **FREE)
         search.change(history_frame, [status_filter, search], table, trigger_mode="always_last", **FREE)
         detail_outputs = [detail_box, detail_md, detail_gallery, error_box, traceback_box, selected_job, picked_history]
