@@ -578,6 +578,8 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         def on_generate(request: gr.Request, progress=gr.Progress(), *values):
             try:
                 req = validate(*values)
+                if getattr(manager, "rate_limiter", None) is not None:
+                    manager.rate_limiter.check(request)  # RateLimited is a ValueError
             except ValueError as exc:
                 raise fail(request, f"⚠ Not started: {exc}", str(exc), "Check the settings") from None
             progress(0, desc="starting")

@@ -317,6 +317,28 @@ def test_rate_limit_is_a_sliding_window_per_user():
     assert request_key(fake_request("carol", "10.0.0.7", "s9")) == "user:carol"
 
 
+def page_generate(app, prompt: str) -> tuple[bool, str]:
+    """Run the page's Generate event over raw HTTP (queue join + SSE), as a browser would."""
+    fn = next(f for f in app.demo.fns.values() if getattr(f.fn, "__name__", "") == "on_generate")
+    data = [getattr(component, "value", None) for component in fn.inputs]
+    data[0] = prompt
+    session = "page-" + os.urandom(6).hex()
+    join = httpx.post(
+        f"{app.url}gradio_api/queue/join",
+        json={"data": data, "fn_index": fn._id, "session_hash": session, "event_data": None, "trigger_id": None},
+        timeout=30,
+    )
+    assert join.status_code == 200, join.text
+    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                msg = json.loads(line[len("data: ") :])
+                if msg.get("msg") == "process_completed":
+                    output = msg.get("output") or {}
+                    return bool(msg.get("success")), str(output.get("error") or output)
+    raise AssertionError("the page's Generate event never completed")
+
+
 def test_rate_limit_through_the_api(home):
     from masuka.settings import parse_settings
 
@@ -333,6 +355,10 @@ def test_rate_limit_through_the_api(home):
         assert "2 generations per minute" in str(info.value) and "MASUKA_RATE_LIMIT" in str(info.value)
         assert "over the limit" not in [r["prompt"] for r in app.manager.jobs.list(limit=10)]
         assert client.predict(limit=5, api_name="/history")  # reads are not limited
+        # The page's own Generate event (reachable by fn_index, like any event) counts too.
+        success, message = page_generate(app, "from the page")
+        assert not success and "2 generations per minute" in message
+        assert "from the page" not in [r["prompt"] for r in app.manager.jobs.list(limit=10)]
     finally:
         close(app)
 
