@@ -234,9 +234,26 @@ print(f"password: {PASSWORD}" if generated else "password: the one you set")
 
 LAUNCH = """\
 #@title 9 · Launch (the public link appears below; stop this cell to stop the app)
-from masuka.server import launch
+import dataclasses
+import gc
 
-demo, local_url, share_url = launch(settings, block=False)
+import torch
+from masuka.server import build_studio, launch
+
+
+def same_app(a, b):
+    return dataclasses.replace(a, auth=None) == dataclasses.replace(b, auth=None)
+
+
+# Run again after stopping: the loaded model is reused unless the settings changed.
+if globals().get("studio") is not None and not same_app(studio.settings, settings):
+    studio.manager.jobs.close()
+    studio = None
+    gc.collect()
+    torch.cuda.empty_cache()
+if globals().get("studio") is None:
+    studio = build_studio(settings)  # loads the model: several minutes the first time (download)
+demo, local_url, share_url = launch(settings, block=False, studio=studio)
 print(f"\\n  Open {share_url or local_url}  ·  user {USERNAME}  ·  password printed above\\n")
 if not share_url:
     print("No share link (Gradio could not open its tunnel); retry this cell.")

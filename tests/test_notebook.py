@@ -58,20 +58,23 @@ REPO_DIR = Path({str(ROOT)!r})  # CI: the checkout under test, no clone
 PIP_COMMAND = '"install", "-q",'
 CI_PIP_FLAGS = '"install", "-q", "--dry-run", "--no-index",'  # CI: everything is installed; no network
 
-CI_LAUNCH = """\
-import json
+CI_LAUNCH_PRELUDE = """\
 import socket
 from dataclasses import replace
-
-from gradio_client import Client
-from masuka.server import build_studio, launch
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-ci_settings = replace(settings, share=False, port=port)  # CI: no tunnel
-studio = build_studio(ci_settings)
-demo, local_url, share_url = launch(ci_settings, block=False, studio=studio, quiet=True)
+ci_shared = settings.share
+settings = replace(settings, share=False, port=port)  # CI: no tunnel
+"""
+
+# Instead of demo.block_thread(): call the app once through gradio_client, then close it.
+CI_CALLS = """\
+import json
+
+from gradio_client import Client
+
 try:
     client = Client(local_url, auth=(USERNAME, PASSWORD), verbose=False)
     images, record = client.predict(prompt="a lighthouse at dusk", seed=7, api_name="/generate")
@@ -79,12 +82,19 @@ try:
     backed_up = studio.backup.flush(30) if studio.backup else None
 finally:
     demo.close()
-    studio.manager.jobs.close()
 print("CI-RESULT " + json.dumps({
-    "share": settings.share, "auth_user": settings.auth[0], "model": MODEL_ID,
+    "share": ci_shared, "auth_user": settings.auth[0], "model": MODEL_ID,
     "status": record["status"], "outputs": record["outputs"], "images": len(images),
     "history": [row["job_id"] for row in history], "backed_up": backed_up,
 }))
+"""
+
+CI_RUN_AGAIN = """\
+ci_first_manager = studio.manager
+{launch}
+assert studio.manager is ci_first_manager, "running the launch cell again loaded the model again"
+studio.manager.jobs.close()
+print("CI-REUSED")
 """
 
 
@@ -149,10 +159,12 @@ def prepared_notebook(work: Path) -> nbformat.NotebookNode:
     nb = read_notebook()
     pip_cell = tagged(nb, "ci-replace-pip")[0].source
     assert pip_cell.count(PIP_COMMAND) == 1
+    launch_cell = tagged(nb, "ci-launch")[0].source
+    assert launch_cell.count("demo.block_thread()") == 1
     replacements = {
         "ci-replace-clone": CI_CLONE,
         "ci-replace-pip": pip_cell.replace(PIP_COMMAND, CI_PIP_FLAGS),  # the real cell, resolved offline
-        "ci-launch": CI_LAUNCH,
+        "ci-launch": CI_LAUNCH_PRELUDE + launch_cell.replace("demo.block_thread()", CI_CALLS),
     }
     cells = []
     for cell in nb.cells:
@@ -161,6 +173,9 @@ def prepared_notebook(work: Path) -> nbformat.NotebookNode:
         if swap:
             cell = new_code_cell(swap[0], metadata={"tags": tags})
         cells.append(cell)
+        if "ci-launch" in tags:  # stop and run the launch cell again
+            again = CI_RUN_AGAIN.format(launch=launch_cell.replace("demo.block_thread()", "demo.close()"))
+            cells.append(new_code_cell(again, metadata={"tags": ["ci-run-again"]}))
         if "parameters" in tags:  # papermill style: CI values after the form
             values = f"WORK_DIR = {str(work)!r}\nUSE_DRIVE = True"
             if torch.cuda.is_available():  # "auto" would pick a real FLUX model there
@@ -225,6 +240,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, tiny_model_dir, monkeypatc
     assert image.is_file() and image.is_relative_to(drive / "outputs")  # images on Drive
     assert old_job in result["history"]  # restored from the Drive backup
     assert result["backed_up"] is True
+    assert "CI-REUSED" in text
     with closing(sqlite3.connect(f"file:{drive / 'masuka.db'}?mode=ro", uri=True)) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # the new job reached Drive
     assert not list(drive.glob("masuka.db-*"))  # no WAL or lock files on Drive
