@@ -252,6 +252,20 @@ def test_plan_cache_is_capped_and_holds_converted_factors(tmp_path):
     assert torch.equal(factor.down, read(loras[0].file)[f"transformer.{key}.lora_A.weight"])
 
 
+def test_packed_plan_moves_to_a_device_in_one_transfer_with_each_factor_in_place():
+    modules = linear_modules(linear_stack(torch.float32))
+    loose = random_plan(modules, seed=2)
+    packed = fastlora._packed(list(loose.factors), pin=False)
+    staging = fastlora._Staging()
+    meta = torch.device("meta")
+    for before, after in zip(loose.factors, packed):
+        assert torch.equal(before.down, after.down) and torch.equal(before.up, after.up)
+        for t in (after.down, after.up):
+            moved = staging.on(t, meta)
+            assert (moved.shape, moved.stride(), moved.storage_offset()) == (t.shape, t.stride(), t.storage_offset())
+    assert len(staging._buffers) == 1
+
+
 # --------------------------------------------------------------------------- through the manager
 
 
