@@ -113,6 +113,11 @@ def test_generate_shows_images_with_seeds_and_the_job_in_history(page, app, tmp_
     expect(page.locator("#info")).to_contain_text("RAM")
     expect(page.locator("#demo-banner")).to_contain_text("Demo model")
 
+    generate(page, "   ")  # refused before any job exists: toast and status line say why
+    expect(page.locator("#status")).to_contain_text("Not started: prompt must be a non-empty text")
+    expect(page.locator(".toast-body").filter(has_text="prompt must be")).to_be_visible()
+    assert app.manager.jobs.list(limit=1) == []
+
     generate(page, "a red fox asleep in fresh snow", num_images=2)
     expect(page.locator("#status")).to_contain_text("✓ Job", timeout=JOB_TIMEOUT_MS)
     job = latest_job(app, "red fox asleep")
