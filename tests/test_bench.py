@@ -22,7 +22,7 @@ def test_bench_cpu_mode_prints_and_writes_the_table(tmp_path, tiny_model_dir):
     table = (out / "bench.md").read_text(encoding="utf-8")
     assert table in proc.stdout
     for words in ("| raw diffusers | MASUKA | ratio |", "per image (median of 1), pipeline part", "PNG save",
-                  "switch to a LoRA used before (r4)", "no-LoRA image after 4 switches"):
+                  "switch to a LoRA used before (none -> r4)", "switch no LoRA -> LoRA", "no-LoRA image after 4 switches"):
         assert words in table
     assert "**no**" not in table.split("no-LoRA image after")[1].splitlines()[0]  # exactness is not timing
     assert "gradio" not in proc.stderr
