@@ -404,7 +404,9 @@ def _delta(terms: Sequence[tuple[Any, Any, float]], device: Any, staging: _Stagi
 # (exactly (W.float() +- delta).to(dtype)) in one kernel, without float32 copies of W.
 
 
-def _fuse_one(target: FuseTarget, compute_device: Any, verify: bool, staging: _Staging) -> _FusedModule:
+def _fuse_one(
+    target: FuseTarget, compute_device: Any, verify: bool, staging: _Staging, budget: "_FixBudget | None" = None
+) -> _FusedModule:
     import torch
 
     weight = target.module.weight
@@ -421,11 +423,42 @@ def _fuse_one(target: FuseTarget, compute_device: Any, verify: bool, staging: _S
     del back
     index = wrong.to(torch.int32) if original_bits.numel() < 2**31 else wrong
     value = original_bits[wrong]
+    if budget is not None and device.type == "cuda":
+        index, value = budget.place(index, value)
     weight.data.copy_(fused)
     return _FusedModule(target.name, target.module, target.terms, device, index, value, checksum)
 
 
-def fuse(targets: Iterable[FuseTarget], *, compute_device: Any = None, verify: bool = True) -> FusedState:
+@dataclass
+class _FixBudget:
+    """Keeps the restore fixes on the GPU up to ``gpu_bytes``; past that they go to CPU RAM.
+
+    How many fixes a LoRA needs grows with how strongly it changes the weights (about 1 %
+    of the touched elements for a change of 1 % of a weight, 33 % for a change as large as
+    the weight), so a strong LoRA must not be able to take the GPU memory a job needs.
+    A restore moves CPU-held fixes back (one copy per module), which costs time, not memory.
+    """
+
+    gpu_bytes: int
+    used: int = 0
+    spilled: int = 0
+
+    def place(self, index: Any, value: Any) -> tuple[Any, Any]:
+        size = index.numel() * index.element_size() + value.numel() * value.element_size()
+        if self.used + size <= self.gpu_bytes:
+            self.used += size
+            return index, value
+        self.spilled += size
+        return index.cpu(), value.cpu()
+
+
+def fuse(
+    targets: Iterable[FuseTarget],
+    *,
+    compute_device: Any = None,
+    verify: bool = True,
+    fix_gpu_bytes: int | None = None,
+) -> FusedState:
     """Fuse every target in place.  ``compute_device`` (e.g. the GPU while the weights
     sit on the CPU under model offload) is where the float32 work happens; default: the
     weight's own device.  On any exception the modules already fused are restored
@@ -434,10 +467,16 @@ def fuse(targets: Iterable[FuseTarget], *, compute_device: Any = None, verify: b
 
     state = FusedState()
     staging = _Staging()
+    budget = _FixBudget(fix_gpu_bytes) if fix_gpu_bytes is not None else None
     try:
         with torch.no_grad():
             for target in targets:
-                state.modules.append(_fuse_one(target, compute_device, verify, staging))
+                state.modules.append(_fuse_one(target, compute_device, verify, staging, budget))
+        if budget is not None and budget.spilled:
+            log.info(
+                "LoRA restore fixes: %.0f MiB on the GPU, %.0f MiB in CPU RAM (GPU budget %.0f MiB)",
+                budget.used / 2**20, budget.spilled / 2**20, budget.gpu_bytes / 2**20,
+            )
     except BaseException:
         log.warning("LoRA fuse failed after %d modules; restoring them", len(state.modules))
         restore(state)

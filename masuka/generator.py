@@ -388,7 +388,9 @@ class GeneratorManager:
         self._clear_loras()
         try:
             # fuse() restores what it fused so far before an exception leaves it.
-            self._fused = fastlora.fuse(resolution.targets, compute_device=self._fuse_device())
+            self._fused = fastlora.fuse(
+                resolution.targets, compute_device=self._fuse_device(), fix_gpu_bytes=self._fix_gpu_budget()
+            )
         except Exception:
             log.warning("LoRA fuse failed; the pipeline holds no LoRA")
             raise
@@ -408,6 +410,15 @@ class GeneratorManager:
 
         plans = [(self.lora_cache.get_plan(lora, build), scale) for lora, scale in wanted.values()]
         return fastlora.resolve_targets(fastlora.pipeline_components(self.loaded.pipe), plans)
+
+    def _fix_gpu_budget(self) -> int | None:
+        """GPU bytes the exact-restore fixes may hold (the rest waits in CPU RAM)."""
+        import torch
+
+        device = self._fuse_device()
+        if device is None:
+            return None
+        return int(FIX_GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
 
     def _fuse_device(self):
         """The GPU when there is one (weights offloaded to the CPU are fused there too)."""
@@ -473,3 +484,6 @@ class GeneratorManager:
 
 
 IMAGES_HEADROOM = 8  # a random seed leaves room for seed + i of every image
+# Share of the GPU's memory the restore fixes of a fused LoRA may take (about 8 GB on an
+# 80 GB card); a stronger LoRA keeps the rest of its fixes in CPU RAM.
+FIX_GPU_FRACTION = 0.10

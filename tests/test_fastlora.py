@@ -386,3 +386,33 @@ def test_manager_reports_a_restore_that_was_not_exact(manager):
         weight.view(torch.int32)[0, 0] += 1  # someone else wrote into a fused weight
     assert manager.set_loras("")["strategy"] == "none"
     assert manager.inexact_restores == 1
+
+
+def test_restore_fixes_past_the_gpu_budget_wait_in_cpu_ram_and_restore_exactly():
+    """A strong LoRA needs many fixes; past the budget they go to CPU RAM, and the restore is still exact."""
+    import torch
+
+    from masuka import fastlora
+
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(64, 64).to(torch.bfloat16) for _ in range(4)]
+    before = [m.weight.detach().clone() for m in modules]
+    budget = fastlora._FixBudget(gpu_bytes=0)
+    index = torch.arange(10, dtype=torch.int32)
+    value = torch.arange(10, dtype=torch.int16)
+    placed_index, placed_value = budget.place(index, value)
+    assert budget.spilled == 60 and budget.used == 0
+    assert placed_index.device.type == "cpu" and torch.equal(placed_index, index)
+    roomy = fastlora._FixBudget(gpu_bytes=10**6)
+    roomy.place(index, value)
+    assert roomy.used == 60 and roomy.spilled == 0
+    targets = []
+    for m in modules:
+        t = fastlora.FuseTarget("m", m)
+        t.terms.append((torch.randn(4, 64), torch.randn(64, 4) * 0.3, 1.0))  # strong: many fixes
+        targets.append(t)
+    state = fastlora.fuse(targets, fix_gpu_bytes=0)  # CPU weights: the budget only applies on CUDA
+    assert state.fix_entries > 0
+    fastlora.restore(state)
+    for m, w in zip(modules, before):
+        assert torch.equal(m.weight.view(torch.int16), w.view(torch.int16))
