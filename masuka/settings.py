@@ -47,7 +47,6 @@ class Paths:
     def outputs(self) -> Path:
         return self.outputs_dir or self.home / "outputs"
 
-
     @property
     def models(self) -> Path:
         return self.home / "models"
