@@ -2,7 +2,7 @@
 
 One app and one browser for the module; each test opens its own page (its own
 Gradio session).  Screenshots of the Generate and History screens are written
-to docs/screenshots/ for the README.
+to test-artifacts/screenshots/ (MASUKA_SCREENSHOTS_DIR=docs/screenshots refreshes the README's).
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from PIL import Image
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+import os
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs write beside the repo's tracked files only when asked, so a test run leaves the checkout clean.
+SHOTS = ROOT / os.environ.get("MASUKA_SCREENSHOTS_DIR", "test-artifacts/screenshots")
 VIEWPORT = {"width": 1280, "height": 900}
 JOB_TIMEOUT_MS = 60_000
 
@@ -63,7 +67,11 @@ def page(browser, app):
 
 
 def screenshot(page, name: str) -> None:
-    """docs/screenshots/<name>.png, as a 256-colour PNG to keep the repository small."""
+    """<SHOTS>/<name>.png, as a 256-colour PNG to keep the repository small."""
+    closers = page.locator(".toast-close")
+    for i in reversed(range(closers.count())):  # earlier toasts would cover the header
+        closers.nth(i).click()
+    page.wait_for_timeout(400)
     SHOTS.mkdir(parents=True, exist_ok=True)
     target = SHOTS / f"{name}.png"
     page.screenshot(path=str(target))
