@@ -147,8 +147,10 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
     gr.api(generate, api_name="generate", concurrency_id=GPU_GROUP, concurrency_limit=1)
     gr.api(add_lora, api_name="add_lora", concurrency_id=LORA_ADD_GROUP, concurrency_limit=LORA_ADD_LIMIT)
     gr.api(delete_lora, api_name="delete_lora", concurrency_limit=None)
+    # Reads and cancel are not queued: they answer at once, even while the queue is full.
+    # (Only queued endpoints could skip the queue; api_open=False closes that for generation.)
     for fn in (loras, history, job, cancel):
-        gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
+        gr.api(fn, api_name=fn.__name__, queue=False)
 
 
 def _session(request: gr.Request | None) -> str | None:

@@ -739,10 +739,10 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         b["drop"].upload(on_drop, b["drop"], fill_outputs, **FREE)
 
         for trigger in (refresh.click, status_filter.change, history_tab.select):
-            trigger(history_frame, [status_filter, search], table, **FREE)
-        search.change(history_frame, [status_filter, search], table, trigger_mode="always_last", **FREE)
+            trigger(history_frame, [status_filter, search], table, **UNQUEUED)
+        search.change(history_frame, [status_filter, search], table, trigger_mode="always_last", **UNQUEUED)
         detail_outputs = [detail_box, detail_md, detail_gallery, error_box, traceback_box, selected_job, picked_history]
-        table.select(on_select_job, None, detail_outputs, **FREE)
+        table.select(on_select_job, None, detail_outputs, **UNQUEUED)
         detail_gallery.select(on_pick_history, selected_job, picked_history, **FREE)
         reuse_job.click(on_reuse_job, [selected_job, picked_history], fill_outputs, **FREE)
 

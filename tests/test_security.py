@@ -252,8 +252,15 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
         refused = httpx.post(f"{app.url}gradio_api/call/generate", json={"data": ["raw extra"]}, timeout=30)
         assert refused.status_code == 503 and "Queue is full" in refused.text
 
-        # No way around the queue: the direct routes answer 404.
-        for name, data in [("generate", ["x"]), ("history", [5, "", ""]), ("job", [running]), ("cancel", [running])]:
+        # A full queue still answers reads at once over their plain HTTP routes (they are not
+        # queued); gradio_client sends everything through the queue, so it sees "queue full".
+        started = time.perf_counter()
+        r = httpx.post(f"{app.url}gradio_api/api/history", json={"data": [5, "", ""]}, timeout=30)
+        assert r.status_code == 200 and time.perf_counter() - started < 5
+        assert r.json()["data"][0][0]["job_id"] == running
+
+        # No way around the queue for generation: its direct route answers 404.
+        for name, data in [("generate", ["x"]), ("add_lora", ["http://example.invalid/x", "", None])]:
             r = httpx.post(f"{app.url}gradio_api/api/{name}", json={"data": data}, timeout=30)
             assert r.status_code == 404, f"/gradio_api/api/{name} answered {r.status_code}"
 
@@ -279,9 +286,10 @@ def test_generation_shares_one_gpu_group():
         register_api(manager)  # type: ignore[arg-type]
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     assert fns["generate"].concurrency_id == GPU_GROUP and fns["generate"].concurrency_limit == 1
+    assert fns["generate"].queue  # queued: with api_open=False its direct route stays closed
     for name in ("history", "job", "loras", "cancel"):
-        assert fns[name].concurrency_id != GPU_GROUP and fns[name].concurrency_limit is None
-        assert fns[name].queue  # still through the queue: /gradio_api/api/<name> stays closed
+        # Not queued: they never wait behind a job, and nothing is skipped by calling them directly.
+        assert fns[name].concurrency_id != GPU_GROUP and fns[name].queue is False
 
 
 # --------------------------------------------------------------------------- rate limit
