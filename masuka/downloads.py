@@ -18,6 +18,7 @@ a dot, so library scans should ignore dot-files.
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import hashlib
 import logging
@@ -26,7 +27,7 @@ import re
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -145,6 +146,20 @@ def _validate_max_bytes(max_bytes: int) -> int:
 
 def _lock_for(dest_dir: Path, filename: str, timeout: float | None) -> filelock.FileLock:
     return filelock.FileLock(str(dest_dir / f".{filename}{LOCK_SUFFIX}"), timeout=-1 if timeout is None else timeout)
+
+
+@contextlib.contextmanager
+def _target_lock(dest_dir: Path, filename: str, timeout: float | None) -> Iterator[None]:
+    """Hold the per-target lock; a wait past ``timeout`` is a DownloadError naming the target."""
+    lock = _lock_for(dest_dir, filename, timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout as exc:
+        raise DownloadError(f"another download of {filename} into {dest_dir} is still running") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -375,12 +390,7 @@ def download_url(
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / filename
     where = netsafe.redact_url(url)
-    lock = _lock_for(dest_dir, filename, lock_timeout)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise DownloadError(f"another download of {filename} into {dest_dir} is still running") from exc
-    try:
+    with _target_lock(dest_dir, filename, lock_timeout):
         existing = _existing(final)
         if existing is not None:
             logger.info("%s already present; not downloading %s again", final, where)
@@ -436,8 +446,6 @@ def download_url(
             final_url=final_url,
             suggested_filename=suggested,
         )
-    finally:
-        lock.release()
 
 
 def probe_filename(
@@ -706,12 +714,7 @@ def download_hub(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / target
-    lock = _lock_for(dest_dir, target, lock_timeout)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise DownloadError(f"another download of {target} into {dest_dir} is still running") from exc
-    try:
+    with _target_lock(dest_dir, target, lock_timeout):
         existing = _existing(final)
         if existing is not None:
             logger.info("%s already present; not downloading %s again", final, what)
@@ -755,8 +758,6 @@ def download_hub(
             final_url=url,
             suggested_filename=PurePosixPath(filename).name,
         )
-    finally:
-        lock.release()
 
 
 def hub_instance_prompt(repo_id: str, token: str | None = None) -> str | None:
