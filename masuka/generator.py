@@ -320,11 +320,13 @@ class GeneratorManager:
 
         if not torch.cuda.is_available():
             return
-        before = torch.cuda.memory_allocated()
-        torch.cuda.empty_cache()
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        torch.cuda.empty_cache()  # ~5 ms on an H200; gc.collect (~0.3 s here) only after failures
         log.info(
-            "CUDA memory allocated %.1f MiB (reserved after empty_cache %.1f MiB)",
-            before / 2**20,
+            "CUDA memory: allocated %.1f -> %.1f MiB, reserved %.1f -> %.1f MiB",
+            allocated / 2**20,
+            torch.cuda.memory_allocated() / 2**20,
+            reserved / 2**20,
             torch.cuda.memory_reserved() / 2**20,
         )
 
