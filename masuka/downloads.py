@@ -145,6 +145,9 @@ def _validate_max_bytes(max_bytes: int) -> int:
 
 
 def _lock_for(dest_dir: Path, filename: str, timeout: float | None) -> filelock.FileLock:
+    """The target's lock file, in ``dest_dir`` or a separate lock folder (``lock_dir``: locks
+    must live on a local disk when the files live on a network mount such as Google Drive)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(str(dest_dir / f".{filename}{LOCK_SUFFIX}"), timeout=-1 if timeout is None else timeout)
 
 
@@ -368,6 +371,7 @@ def download_url(
     timeout: netsafe.Timeout = None,
     lock_timeout: float | None = None,
     max_seconds: float | None = None,
+    lock_dir: Path | None = None,
 ) -> DownloadResult:
     """Download ``url`` to ``dest_dir / filename`` exactly once, atomically.
 
@@ -390,7 +394,7 @@ def download_url(
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / filename
     where = netsafe.redact_url(url)
-    with _target_lock(dest_dir, filename, lock_timeout):
+    with _target_lock(lock_dir or dest_dir, filename, lock_timeout):
         existing = _existing(final)
         if existing is not None:
             logger.info("%s already present; not downloading %s again", final, where)
@@ -481,7 +485,7 @@ def _target_of_partial(name: str) -> str | None:
     return core[: -_MKSTEMP_RANDOM_LEN - 1]
 
 
-def cleanup_stale_partials(dest_dir: Path, older_than_s: float = 3600) -> list[Path]:
+def cleanup_stale_partials(dest_dir: Path, older_than_s: float = 3600, lock_dir: Path | None = None) -> list[Path]:
     """Remove leftover ``.<name>.<random>.incomplete`` temp files (e.g. from a killed process).
 
     A temp file is removed only when it is older than ``older_than_s`` seconds AND
@@ -503,7 +507,7 @@ def cleanup_stale_partials(dest_dir: Path, older_than_s: float = 3600) -> list[P
             continue
         if age < older_than_s:
             continue
-        lock = _lock_for(dest_dir, target, 0)
+        lock = _lock_for(lock_dir or dest_dir, target, 0)
         try:
             lock.acquire()
         except filelock.Timeout:
@@ -681,6 +685,7 @@ def download_hub(
     progress: ProgressCallback | None = None,
     cache_dir: Path | None = None,
     lock_timeout: float | None = None,
+    lock_dir: Path | None = None,
 ) -> DownloadResult:
     """Fetch ``filename`` (a path in the repo) from Hub repo ``repo_id`` into ``dest_dir``.
 
@@ -714,7 +719,7 @@ def download_hub(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / target
-    with _target_lock(dest_dir, target, lock_timeout):
+    with _target_lock(lock_dir or dest_dir, target, lock_timeout):
         existing = _existing(final)
         if existing is not None:
             logger.info("%s already present; not downloading %s again", final, what)

@@ -160,8 +160,11 @@ class LoraLibrary:
         max_bytes: int = 2 * 1024**3,
         fits: FitChecker | None = None,
         allow_private: bool = False,
+        lock_dir: Path | None = None,
     ):
         self.folder = Path(folder)
+        # Locks need a local disk: with the library on a Drive mount they live elsewhere.
+        self.lock_dir = Path(lock_dir) if lock_dir is not None else self.folder
         self.max_bytes = max_bytes
         self.fits = fits
         self.allow_private = allow_private
@@ -169,8 +172,11 @@ class LoraLibrary:
         self._mutex = threading.RLock()  # one thread of this process in the registry at a time
         # One instance: filelock is re-entrant per instance, and two instances on
         # one path in one thread would deadlock.
-        self._registry_lock = FileLock(str(self.folder / REGISTRY_LOCK))
+        self._registry_lock = FileLock(str(self.lock_dir / REGISTRY_LOCK))
         self._fit_cache: dict[str, str | None] = {}  # sha256 -> reason it does not fit
+
+    def _download_lock_dir(self) -> Path | None:
+        return None if self.lock_dir == self.folder else self.lock_dir / INCOMING
 
     # ---- registry --------------------------------------------------------
     def _read_registry(self) -> dict[str, LoraRecord]:
@@ -326,6 +332,7 @@ class LoraLibrary:
         under it, so records written meanwhile by another process are kept.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
         self._clean_leftovers()
         before = {rec.file: rec for rec in self._read_registry().values()}
         judged: dict[str, LoraRecord] = {}
@@ -368,7 +375,7 @@ class LoraLibrary:
         from .downloads import cleanup_stale_partials
 
         incoming = self.folder / INCOMING
-        cleanup_stale_partials(incoming, STALE_SECONDS)
+        cleanup_stale_partials(incoming, STALE_SECONDS, lock_dir=self._download_lock_dir())
         now = time.time()
         for tmp in self.folder.glob(".registry.*.tmp"):  # a registry write cut by a kill
             try:
@@ -384,7 +391,7 @@ class LoraLibrary:
                     continue
             except FileNotFoundError:
                 continue
-            lock = FileLock(str(self.folder / f".source-{staged.name[: -len(LORA_SUFFIX)]}.lock"), timeout=0)
+            lock = FileLock(str(self.lock_dir / f".source-{staged.name[: -len(LORA_SUFFIX)]}.lock"), timeout=0)
             try:
                 with lock:
                     staged.unlink(missing_ok=True)
@@ -576,7 +583,8 @@ class LoraLibrary:
             identity = label
         key = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
         self.folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.folder / f".source-{key}.lock")):
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_dir / f".source-{key}.lock")):
             # Checked again under the lock: another process may have just added it.
             done = self._added_from(label, name)
             if done is not None:
@@ -595,6 +603,7 @@ class LoraLibrary:
                     result = downloads.download_url(
                         src.url, staging, filename=staged.name, max_bytes=self.max_bytes,
                         allow_private=self.allow_private, verify=verify, progress=progress,
+                        lock_dir=self._download_lock_dir(),
                     )
                     default = name_from_filename(result.suggested_filename)
                     words: list[str] = []
@@ -602,6 +611,7 @@ class LoraLibrary:
                     result = downloads.download_hub(
                         src.repo_id, src.filename, staging, token=token, max_bytes=self.max_bytes,
                         revision=src.revision, dest_filename=staged.name, verify=verify, progress=progress,
+                        lock_dir=self._download_lock_dir(),
                     )
                     stem = name_from_filename(result.suggested_filename)
                     repo_name = name_from_filename(src.repo_id.split("/", 1)[1])

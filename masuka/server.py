@@ -85,6 +85,7 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
         max_bytes=settings.lora_max_bytes,
         fits=fit_checker(loaded.pipe.transformer),
         allow_private=settings.allow_private_urls,
+        lock_dir=paths.lora_locks,
     )
     library.scan()
     manager = GeneratorManager(

@@ -51,8 +51,14 @@ class Paths:
     def models(self) -> Path:
         return self.home / "models"
 
+    @property
+    def lora_locks(self) -> Path:
+        """The LoRA library's lock files: beside the LoRAs, unless those live elsewhere
+        (a Drive mount, where file locks are not reliable): then on the home's local disk."""
+        return self.home / "locks" / "loras" if self.loras_dir else self.loras
+
     def create(self) -> None:
-        for folder in (self.home, self.loras, self.outputs, self.models):
+        for folder in (self.home, self.loras, self.outputs, self.models, self.lora_locks):
             folder.mkdir(parents=True, exist_ok=True)
 
 

@@ -179,3 +179,43 @@ def test_slow_or_broken_drive_never_holds_up_or_fails_a_job(tmp_path, tiny_model
     assert third.status == "completed"
     assert studio.backup.flush(30) and studio.backup.failures == 1
     manager.jobs.close()
+
+
+def test_lora_locks_stay_on_local_disk_when_the_library_is_elsewhere(tmp_path, tiny_model_dir):
+    """With --loras-dir on a (Drive-like) mount, no lock file is ever made there."""
+    import threading
+    from dataclasses import replace
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from lora_factory import make_peft_lora, make_tiny_transformer
+
+    from conftest import seed_home
+    from masuka.server import build_studio
+    from masuka.settings import Settings
+
+    home = seed_home(tmp_path / "home", tiny_model_dir)
+    drive = tmp_path / "drive" / "loras"
+    settings = replace(Settings(home=home), loras_dir=drive, allow_private_urls=True)
+    served = tmp_path / "served"
+    served.mkdir()
+    make_peft_lora(make_tiny_transformer(), served / "style.safetensors", seed=1)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        studio = build_studio(settings)
+        rec = studio.manager.loras.add_source(f"http://127.0.0.1:{server.server_port}/style.safetensors", "style")
+        assert rec.name == "style" and (drive / "style.safetensors").is_file()
+        studio.manager.loras.scan()
+        assert not [p for p in drive.rglob("*.lock")], "lock files on the Drive-like folder"
+        assert list((home / "locks" / "loras").rglob("*.lock"))  # they are on the home's disk
+        studio.manager.jobs.close()
+    finally:
+        server.shutdown()
