@@ -26,6 +26,7 @@ Never hand a path to diffusers without ``use_safetensors=True``: with the defaul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,10 +34,10 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,20 @@ def _read_header_from_handle(
     return header, data_start
 
 
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """(handle, size) of a regular file that is not a pickle by name; LoraRefused otherwise."""
+    _refuse_pickle_name(path)
+    try:
+        with path.open("rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not _is_regular(info.st_mode):
+                raise LoraRefused(f"not a regular file: {path.name!r}")
+            yield handle, info.st_size
+    except IsADirectoryError as exc:
+        raise LoraRefused(f"not a regular file: {path.name!r}") from exc
+
+
 def read_safetensors_header(
     path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES
 ) -> tuple[dict[str, Any], int]:
@@ -268,15 +283,8 @@ def read_safetensors_header(
     malformed headers, and files that are truncated or padded.
     """
     path = Path(path)
-    _refuse_pickle_name(path)
-    try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not _is_regular(info.st_mode):
-                raise LoraRefused(f"not a regular file: {path.name!r}")
-            return _read_header_from_handle(handle, info.st_size, path.name, max_header_bytes)
-    except IsADirectoryError as exc:
-        raise LoraRefused(f"not a regular file: {path.name!r}") from exc
+    with _open_regular(path) as (handle, size):
+        return _read_header_from_handle(handle, size, path.name, max_header_bytes)
 
 
 def _is_regular(mode: int) -> bool:
@@ -485,24 +493,16 @@ def inspect_lora_file(path: str | os.PathLike[str], max_header_bytes: int = MAX_
     describes it. Reads the file once for the header and once, streamed, for SHA-256;
     nothing is unpickled and no tensor is materialised. Raises :class:`LoraRefused`."""
     path = Path(path)
-    _refuse_pickle_name(path)
-    try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not _is_regular(info.st_mode):
-                raise LoraRefused(f"not a regular file: {path.name!r}")
-            size = info.st_size
-            header, _ = _read_header_from_handle(handle, size, path.name, max_header_bytes)
-            tensor_keys = [k for k in header if k != "__metadata__"]
-            fmt = detect_format(tensor_keys)
-            handle.seek(0)
-            digest = hashlib.sha256()
-            hashed = 0
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-                hashed += len(chunk)
-    except IsADirectoryError as exc:
-        raise LoraRefused(f"not a regular file: {path.name!r}") from exc
+    with _open_regular(path) as (handle, size):
+        header, _ = _read_header_from_handle(handle, size, path.name, max_header_bytes)
+        tensor_keys = [k for k in header if k != "__metadata__"]
+        fmt = detect_format(tensor_keys)
+        handle.seek(0)
+        digest = hashlib.sha256()
+        hashed = 0
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            hashed += len(chunk)
     if hashed != size:
         raise LoraRefused(f"file changed while it was read: expected {size} bytes, read {hashed}")
 

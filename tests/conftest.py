@@ -108,3 +108,14 @@ def live_app(settings):
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="masuka")
     yield
+
+
+def walk_keys(value):
+    """Every dict key anywhere in a nested record (to check no "path" key reaches gradio_client)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from walk_keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from walk_keys(v)

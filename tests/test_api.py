@@ -7,18 +7,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import walk_keys
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 
-def walk_keys(value):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from walk_keys(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from walk_keys(v)
 
 
 def image_files(images):

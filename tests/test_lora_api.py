@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from conftest import walk_keys
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
@@ -21,14 +22,6 @@ from masuka.settings import Settings
 pytestmark = pytest.mark.timeout(180)
 
 
-def walk_keys(value):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from walk_keys(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from walk_keys(v)
 
 
 @pytest.fixture(scope="module")
