@@ -119,3 +119,18 @@ def walk_keys(value):
     elif isinstance(value, list):
         for v in value:
             yield from walk_keys(v)
+
+
+def pixels(path):
+    """An image's RGB pixels as int16 (so differences do not wrap)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def run(manager, **kw):
+    """One job through the manager, with a fixed prompt and seed unless given."""
+    kw.setdefault("prompt", "a lighthouse at dusk")
+    kw.setdefault("seed", 7)
+    return manager.generate(manager.validate(**kw))

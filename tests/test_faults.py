@@ -22,12 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, pixels
 from masuka.generator import JobFailed
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def run(manager, **kw):

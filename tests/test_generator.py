@@ -10,16 +10,7 @@ from PIL import Image
 
 from masuka.generator import JobFailed
 from masuka.outputs import read_metadata
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
-def run(manager, **kw):
-    kw.setdefault("prompt", "a lighthouse at dusk")
-    kw.setdefault("seed", 7)
-    return manager.generate(manager.validate(**kw))
+from conftest import pixels, run
 
 
 def add_lora(manager, name: str, seed: int, **kw):

@@ -12,9 +12,8 @@ from dataclasses import replace
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
-from conftest import launch_app
+from conftest import launch_app, pixels
 
 log = logging.getLogger("masuka.tests.load")
 
@@ -23,10 +22,6 @@ LOAD_BUDGET_S = 300  # every client must have its answer by then: nobody waits f
 SOAK_JOBS = int(os.environ.get("MASUKA_SOAK_JOBS", "200"))
 SOAK_WARMUP = 20
 SOAK_RSS_GROWTH_MIB = 50
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def image_file(image) -> str:

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lora_factory import (
     make_big_real_flux_lora,
@@ -35,6 +34,7 @@ from masuka.downloads import AmbiguousSourceError, DownloadError
 from masuka.generator import JobFailed
 from masuka.loras import LoraInUse, LoraLibrary, fit_checker, name_from_filename
 from masuka.settings import Settings
+from conftest import pixels, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -351,16 +351,6 @@ def test_hub_repo_file_and_ambiguous_repo(fake_hub, tmp_path, files):
 
 
 # --------------------------------------------------------------------------- LoRAs in jobs
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
-def run(manager, **kw):
-    kw.setdefault("prompt", "a lighthouse at dusk")
-    kw.setdefault("seed", 7)
-    return manager.generate(manager.validate(**kw))
 
 
 def test_kohya_and_two_loras_combine_and_unload_cleanly(manager, server):
