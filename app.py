@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from masuka.server import ShareWithoutPassword, check_served_folder, check_share_policy, launch
+    from masuka.web.server import ShareWithoutPassword, check_served_folder, check_share_policy, launch
     from masuka.settings import parse_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -181,7 +181,7 @@ def build_random_flux(variant: Variant, device, dtype, small: bool):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from masuka.tiny import SCHEDULER_CONFIG, build_tiny_components
+    from masuka.model.tiny import SCHEDULER_CONFIG, build_tiny_components
 
     tiny = build_tiny_components()  # only for its tokenizers (small vocabularies, real special tokens)
     tokenizer, tokenizer_2 = tiny["tokenizer"], tiny["tokenizer_2"]
@@ -225,7 +225,7 @@ def build_random_flux(variant: Variant, device, dtype, small: bool):
 def build_tiny(models_dir: Path):
     from diffusers import FluxPipeline
 
-    from masuka.tiny import ensure_tiny_model
+    from masuka.model.tiny import ensure_tiny_model
 
     pipe = FluxPipeline.from_pretrained(str(ensure_tiny_model(models_dir)))
     pipe.set_progress_bar_config(disable=True)
@@ -276,12 +276,12 @@ class TimedManager:
     """GeneratorManager on ``pipe``, with the PNG save and the cleanup timed apart."""
 
     def __init__(self, pipe, variant: Variant, size: int, device, dtype, home: Path):
-        import masuka.generator as generator
-        from masuka.jobs import JobStore
-        from masuka.lora_cache import LoraStateCache
-        from masuka.loras import LoraLibrary
-        from masuka.models import LoadedModel
-        from masuka.validation import ModelDefaults
+        import masuka.core.runner as generator
+        from masuka.store.jobs import JobStore
+        from masuka.lora.cache import LoraStateCache
+        from masuka.lora.library import LoraLibrary
+        from masuka.model.loading import LoadedModel
+        from masuka.model.defaults import ModelDefaults
 
         home.mkdir(parents=True, exist_ok=True)
         defaults = ModelDefaults(width=size, height=size, steps=variant.steps, guidance=variant.guidance,
@@ -333,7 +333,7 @@ class TimedManager:
         manager = self.manager
         if hasattr(manager, "set_loras"):
             return timed(lambda: manager.set_loras(spec), self.device)[0]
-        from masuka.validation import parse_lora_spec
+        from masuka.core.requests import parse_lora_spec
 
         def apply():
             with manager._gpu:

@@ -222,7 +222,7 @@ if generated:
     PASSWORD = secrets.token_urlsafe(12)
 os.environ["MASUKA_AUTH"] = f"{USERNAME}:{PASSWORD}"
 
-from masuka.server import check_share_policy
+from masuka.web.server import check_share_policy
 from masuka.settings import parse_settings
 
 settings = parse_settings(["--share", "--model", MODEL_ID, "--memory", MEMORY], env=os.environ)
@@ -238,7 +238,7 @@ import dataclasses
 import gc
 
 import torch
-from masuka.server import build_studio, launch
+from masuka.web.server import build_studio, launch
 
 
 def same_app(a, b):

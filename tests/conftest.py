@@ -24,7 +24,7 @@ os.environ.pop("MASUKA_AUTH", None)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from masuka.tiny import ensure_tiny_model
+    from masuka.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models"))
 
@@ -53,7 +53,7 @@ def settings(home):
 
 @pytest.fixture
 def studio(settings):
-    from masuka.server import build_studio
+    from masuka.web.server import build_studio
 
     st = build_studio(settings)
     yield st
@@ -88,7 +88,7 @@ class LiveApp:
 def launch_app(settings, studio=None) -> LiveApp:
     from dataclasses import replace
 
-    from masuka.server import build_studio, launch
+    from masuka.web.server import build_studio, launch
 
     settings = replace(settings, port=free_port())
     studio = studio or build_studio(settings)

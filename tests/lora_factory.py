@@ -41,7 +41,7 @@ FLUX_MLP_HIDDEN = 12288
 
 
 def make_tiny_transformer(seed: int = 0) -> Any:
-    """A tiny random ``FluxTransformer2DModel`` in eval mode (same config as masuka.tiny)."""
+    """A tiny random ``FluxTransformer2DModel`` in eval mode (same config as masuka.model.tiny)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)

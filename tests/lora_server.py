@@ -108,7 +108,7 @@ def add_in_child(folder: str, url: str, barrier, results) -> None:
     """Run in a separate process: wait for the others, then add `url` to the library at `folder`."""
     import logging
 
-    from masuka.loras import LoraLibrary
+    from masuka.lora.library import LoraLibrary
 
     logging.basicConfig(level=logging.WARNING)
     library = LoraLibrary(Path(folder), allow_private=True)
@@ -122,6 +122,6 @@ def add_in_child(folder: str, url: str, barrier, results) -> None:
 
 def add_and_hang(folder: str, url: str) -> None:
     """Run in a separate process that the test kills with SIGKILL mid-download."""
-    from masuka.loras import LoraLibrary
+    from masuka.lora.library import LoraLibrary
 
     LoraLibrary(Path(folder), allow_private=True).add_source(url, "killed")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from masuka.jobs import JobStore, restore_backup
+from masuka.store.jobs import JobStore, restore_backup
 from masuka.settings import Settings, parse_settings
 
 
@@ -119,7 +119,7 @@ def test_damaged_backup_is_kept_aside_and_the_app_starts_empty(tmp_path):
 def test_runtime_reset_keeps_history_images_and_loras_on_drive(tmp_path, tiny_model_dir):
     from conftest import seed_home
 
-    from masuka.server import build_studio
+    from masuka.web.server import build_studio
 
     drive = tmp_path / "drive" / "MASUKA"
     settings = Settings(
@@ -148,7 +148,7 @@ def test_runtime_reset_keeps_history_images_and_loras_on_drive(tmp_path, tiny_mo
 def test_slow_or_broken_drive_never_holds_up_or_fails_a_job(tmp_path, tiny_model_dir):
     from conftest import seed_home
 
-    from masuka.server import build_studio
+    from masuka.web.server import build_studio
 
     settings = Settings(home=seed_home(tmp_path / "home", tiny_model_dir), db_backup=tmp_path / "drive" / "m.db")
     studio = build_studio(settings)
@@ -190,7 +190,7 @@ def test_lora_locks_stay_on_local_disk_when_the_library_is_elsewhere(tmp_path, t
     from lora_factory import make_peft_lora, make_tiny_transformer
 
     from conftest import seed_home
-    from masuka.server import build_studio
+    from masuka.web.server import build_studio
     from masuka.settings import Settings
 
     home = seed_home(tmp_path / "home", tiny_model_dir)

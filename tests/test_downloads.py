@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from masuka import downloads
-from masuka.downloads import (
+from masuka.net import transfers as downloads
+from masuka.net.transfers import (
     AmbiguousSourceError,
     DownloadError,
     DownloadTooLargeError,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from masuka import fastlora
-from masuka.fastlora import FusePlan, LoraFactors, LoraDoesNotFit, RestoreNotExact
-from masuka.generator import JobFailed
+from masuka.core import fastlora
+from masuka.core.fastlora import FusePlan, LoraFactors, LoraDoesNotFit, RestoreNotExact
+from masuka.core.runner import JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +231,15 @@ def test_compiled_module_sees_fused_weights_without_recompiling():
 def test_plan_cache_is_capped_and_holds_converted_factors(tmp_path):
     from lora_factory import make_peft_lora, make_tiny_transformer
 
-    from masuka.generator import ResolvedLora
-    from masuka.lora_cache import LoraStateCache
+    from masuka.lora.types import ResolvedLora
+    from masuka.lora.cache import LoraStateCache
 
     transformer = make_tiny_transformer()
     loras = []
     for i in range(3):
         path = make_peft_lora(transformer, tmp_path / f"l{i}.safetensors", seed=i)
         loras.append(ResolvedLora(f"l{i}", path, f"{i:064x}"))
-    size = fastlora.build_plan(read(loras[0].file)).nbytes
+    size = fastlora.build_plan(read(loras[0].path)).nbytes
     cache = LoraStateCache(max_bytes=2 * size)
     plans = [cache.get_plan(lora, fastlora.build_plan) for lora in loras]
     assert all(p.fusable and p.nbytes == size for p in plans)
@@ -249,7 +249,7 @@ def test_plan_cache_is_capped_and_holds_converted_factors(tmp_path):
     assert cache.misses == 4 and cache.used_bytes <= 2 * size
     key = "transformer_blocks.0.attn.to_q"
     factor = next(f for f in plans[0].factors if f.module == key)
-    assert torch.equal(factor.down, read(loras[0].file)[f"transformer.{key}.lora_A.weight"])
+    assert torch.equal(factor.down, read(loras[0].path)[f"transformer.{key}.lora_A.weight"])
 
 
 def test_packed_plan_moves_to_a_device_in_one_transfer_with_each_factor_in_place():
@@ -392,7 +392,7 @@ def test_restore_fixes_past_the_gpu_budget_wait_in_cpu_ram_and_restore_exactly()
     """A strong LoRA needs many fixes; past the budget they go to CPU RAM, and the restore is still exact."""
     import torch
 
-    from masuka import fastlora
+    from masuka.core import fastlora
 
     torch.manual_seed(0)
     modules = [torch.nn.Linear(64, 64).to(torch.bfloat16) for _ in range(4)]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, pixels
-from masuka.generator import JobFailed
+from masuka.core.runner import JobFailed
 
 
 def run(manager, **kw):
@@ -123,7 +123,7 @@ def test_lora_failing_halfway_leaves_the_pipeline_with_no_lora(manager, monkeypa
         _lora_with_bias(transformer, lora_file)
         owner, attribute = lora_layer.LoraLayer, "update_layer"
     else:
-        fastlora = pytest.importorskip("masuka.fastlora")
+        fastlora = pytest.importorskip("masuka.core.fastlora")
         from lora_factory import make_peft_lora
 
         make_peft_lora(transformer, lora_file, seed=6)
@@ -184,7 +184,7 @@ def test_cancel_during_a_run_then_the_next_job_runs(manager):
 LIVE_OWNER = r"""
 import sys, threading
 from pathlib import Path
-from masuka.jobs import JobStore
+from masuka.store.jobs import JobStore
 
 store = JobStore(Path(sys.argv[1]) / "masuka.db")
 job_id = store.create(params={"prompt": sys.argv[2]}, loras=[], status="running")
@@ -196,7 +196,7 @@ threading.Event().wait()
 HOLDER = r"""
 import sys, threading
 from pathlib import Path
-from masuka.server import build_studio
+from masuka.web.server import build_studio
 from masuka.settings import Settings
 
 manager = build_studio(Settings(home=Path(sys.argv[1]))).manager
@@ -245,8 +245,8 @@ def _wait_running(proc, lines: queue.Queue, timeout: float = 120) -> str:
 
 
 def test_killed_process_job_is_interrupted_after_restart_a_live_ones_stays_running(home):
-    from masuka.jobs import JobStore
-    from masuka.server import build_studio
+    from masuka.store.jobs import JobStore
+    from masuka.web.server import build_studio
     from masuka.settings import Settings
 
     killed, killed_out = _start_holder(home, "killed mid-job")
@@ -312,7 +312,7 @@ def test_disk_full_while_writing_the_second_image(manager, monkeypatch):
 
 
 def test_read_only_disk_at_the_final_rename(manager, monkeypatch):
-    import masuka.outputs
+    import masuka.store.outputs
 
     real_replace = os.replace
     outputs = str(manager.outputs_dir)
@@ -323,7 +323,7 @@ def test_read_only_disk_at_the_final_rename(manager, monkeypatch):
         return real_replace(src, dst, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(masuka.outputs.os, "replace", replace)
+        patch.setattr(masuka.store.outputs.os, "replace", replace)
         with pytest.raises(JobFailed) as info:
             run(manager)
     job_id = info.value.job_id

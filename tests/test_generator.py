@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from masuka.generator import JobFailed
-from masuka.outputs import read_metadata
+from masuka.core.runner import JobFailed
+from masuka.store.outputs import read_metadata
 from conftest import pixels, run
 
 
@@ -142,7 +142,7 @@ def test_cancel_session_only_cancels_that_session(manager):
 def test_history_survives_restart(studio, settings):
     job = run(studio.manager)
     studio.manager.jobs.close()
-    from masuka.jobs import JobStore
+    from masuka.store.jobs import JobStore
 
     again = JobStore(settings.paths.db)
     assert again.get(job.job_id)["status"] == "completed"

@@ -1,4 +1,4 @@
-"""Tests for masuka.jobs (the persistent job history)."""
+"""Tests for masuka.store.jobs (the persistent job history)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # allow plain `pytest` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from masuka.jobs import (  # noqa: E402
+from masuka.store.jobs import (  # noqa: E402
     FINAL_STATUSES,
     JOB_STATUSES,
     JobNotFound,
@@ -407,7 +407,7 @@ def test_no_path_key_anywhere(store: JobStore):
 CHILD = r"""
 import sys, time
 from pathlib import Path
-from masuka.jobs import JobStore
+from masuka.store.jobs import JobStore
 store = JobStore(Path(sys.argv[1]))
 job_id = store.create(params={"prompt": sys.argv[2]}, loras=[])
 store.close()
@@ -498,9 +498,9 @@ def test_process_owner_is_alive(make_owner, alive):
 
 def test_import_has_no_side_effects(tmp_path: Path):
     code = (
-        "import sys, masuka.jobs; "
+        "import sys, masuka.store.jobs; "
         "assert 'pandas' not in sys.modules, 'pandas imported eagerly'; "
-        "assert masuka.jobs.JOB_STATUSES[0] == 'queued'"
+        "assert masuka.store.jobs.JOB_STATUSES[0] == 'queued'"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30,

@@ -1,4 +1,4 @@
-"""Tests for masuka.lora_formats: header checks, pickle refusal, format detection, fitting."""
+"""Tests for masuka.lora.formats: header checks, pickle refusal, format detection, fitting."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lora_factory as factory  # noqa: E402
 
-from masuka.lora_formats import (  # noqa: E402
+from masuka.lora.formats import (  # noqa: E402
     LoraInspection,
     LoraRefused,
     check_fits,
@@ -562,7 +562,7 @@ def test_import_is_light():
     import subprocess
 
     code = (
-        "import sys; import masuka.lora_formats; "
+        "import sys; import masuka.lora.formats; "
         "heavy = [m for m in ('torch', 'diffusers', 'safetensors') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

@@ -29,10 +29,10 @@ from lora_factory import (
     make_truncated,
 )
 from lora_server import LoraServer, add_and_hang, add_in_child, leftovers
-from masuka import netsafe
-from masuka.downloads import AmbiguousSourceError, DownloadError
-from masuka.generator import JobFailed
-from masuka.loras import LoraInUse, LoraLibrary, fit_checker, name_from_filename
+from masuka.net import safe as netsafe
+from masuka.net.transfers import AmbiguousSourceError, DownloadError
+from masuka.core.runner import JobFailed
+from masuka.lora.library import LoraInUse, LoraLibrary, fit_checker, name_from_filename
 from masuka.settings import Settings
 from conftest import pixels, run
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from masuka import memory
-from masuka.memory import (
+from masuka.model import memory
+from masuka.model.memory import (
     FLUX_SIZES,
     GB,
     GiB,
@@ -71,7 +71,7 @@ def test_low_ram_with_bf16_weights_asks_for_a_prequantized_checkpoint(gpu):
 def test_auto_load_on_a_t4_refuses_before_reading_weights(settings, monkeypatch):
     from diffusers import FluxPipeline
 
-    from masuka.models import load_pipeline
+    from masuka.model.loading import load_pipeline
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setattr(memory, "detect_memory", lambda device: MachineMemory(T4, COLAB_RAM))
@@ -111,7 +111,7 @@ def test_auto_and_full_on_cpu(tiny_pipe):
 
 
 def test_quantized_load_on_cpu_is_refused(settings):
-    from masuka.models import load_pipeline
+    from masuka.model.loading import load_pipeline
 
     with pytest.raises(ValueError, match="'quantized' needs a CUDA GPU"):
         load_pipeline(replace(settings, memory="quantized", device="cpu"))
@@ -123,7 +123,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="memory profiles
 
 
 def _studio_with_lora(settings, profile):
-    from masuka.server import build_studio
+    from masuka.web.server import build_studio
     from lora_factory import make_peft_lora
 
     studio = build_studio(replace(settings, memory=profile, device="cuda"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from masuka import models
-from masuka.models import (
+from masuka.model import loading as models
+from masuka.model.loading import (
     FLUX_DEV,
     FLUX_SCHNELL,
     KIND_FILE,
@@ -21,7 +21,7 @@ from masuka.models import (
     resolve_model_spec,
 )
 from masuka.settings import TINY_MODEL, parse_settings
-from masuka.validation import SCHNELL_DEFAULTS, TINY_DEFAULTS
+from masuka.model.defaults import SCHNELL_DEFAULTS, TINY_DEFAULTS
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def test_single_file_transformer_loads_with_base_components(settings, tiny_model
 
 
 def test_gguf_without_gguf_package_says_how_to_install(settings, tmp_path, monkeypatch):
-    from masuka import memory
+    from masuka.model import memory
 
     monkeypatch.setattr(memory, "gguf_available", lambda: False)
     (tmp_path / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")

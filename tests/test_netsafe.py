@@ -15,8 +15,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from masuka import netsafe
-from masuka.netsafe import NetworkError, URLRefusedError, check_url, open_stream
+from masuka.net import safe as netsafe
+from masuka.net.safe import NetworkError, URLRefusedError, check_url, open_stream
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -198,7 +198,7 @@ def outputs_text(nb) -> str:
 def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
     from conftest import seed_home
 
-    from masuka.jobs import JobStore
+    from masuka.store.jobs import JobStore
 
     fake = tmp_path / "fake-colab"
     for name, text in FAKE_COLAB.items():

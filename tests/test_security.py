@@ -129,8 +129,8 @@ def test_share_refusal_comes_before_the_model_and_any_tunnel(monkeypatch, tmp_pa
     import gradio.networking
 
     import app
-    import masuka.models
-    import masuka.server
+    import masuka.model.loading
+    import masuka.web.server
 
     reached: list[str] = []
 
@@ -143,8 +143,8 @@ def test_share_refusal_comes_before_the_model_and_any_tunnel(monkeypatch, tmp_pa
 
     monkeypatch.setattr(gradio.networking, "setup_tunnel", stop("tunnel"))
     monkeypatch.setattr(gradio.Blocks, "launch", stop("gradio launch"))
-    monkeypatch.setattr(masuka.models, "load_pipeline", stop("model"))
-    monkeypatch.setattr(masuka.server, "build_studio", stop("studio"))
+    monkeypatch.setattr(masuka.model.loading, "load_pipeline", stop("model"))
+    monkeypatch.setattr(masuka.web.server, "build_studio", stop("studio"))
     for name in SHARE_ENV:
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
@@ -155,8 +155,8 @@ def test_share_refusal_comes_before_the_model_and_any_tunnel(monkeypatch, tmp_pa
     # The launcher itself refuses too (for scripts and notebooks that skip app.main).
     from masuka.settings import Settings
 
-    with pytest.raises(masuka.server.ShareWithoutPassword, match="MASUKA_AUTH"):
-        masuka.server.launch(Settings(home=home, share=True))
+    with pytest.raises(masuka.web.server.ShareWithoutPassword, match="MASUKA_AUTH"):
+        masuka.web.server.launch(Settings(home=home, share=True))
     assert reached == []
 
 
@@ -276,10 +276,10 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
 
 def test_generation_shares_one_gpu_group():
     """The API's generation runs in the one GPU concurrency group, one at a time; reads run beside it."""
-    from masuka.api import GPU_GROUP
+    from masuka.web.gradio_api import GPU_GROUP
 
     import gradio as gr
-    from masuka.api import register_api
+    from masuka.web.gradio_api import register_api
 
     manager = SimpleNamespace(rate_limiter=None)
     with gr.Blocks() as demo:
@@ -304,7 +304,7 @@ def fake_request(username=None, host=None, session=None):
 
 
 def test_rate_limit_is_a_sliding_window_per_user():
-    from masuka.ratelimit import RateLimited, RateLimiter, request_key
+    from masuka.core.ratelimit import RateLimited, RateLimiter, request_key
 
     now = [1000.0]
     limiter = RateLimiter(3, clock=lambda: now[0])
@@ -437,7 +437,7 @@ def test_only_outputs_are_served_and_uploads_are_capped(home_outside_tmp):
 
 def test_an_outputs_folder_holding_private_files_is_refused(tmp_path):
     import app as app_module
-    from masuka.server import check_served_folder
+    from masuka.web.server import check_served_folder
     from masuka.settings import Settings
 
     home = tmp_path / "drive" / "masuka"

@@ -60,7 +60,7 @@ def test_import_is_clean():
     """Importing the package and the UI module starts no threads, loads no model, makes no folders."""
     code = (
         "import threading, os, sys; before = threading.active_count();"
-        "import masuka, masuka.ui, masuka.generator, masuka.api, masuka.server, masuka.jobs, masuka.loras;"
+        "import masuka, masuka.web.page, masuka.core.runner, masuka.web.gradio_api, masuka.web.server, masuka.store.jobs, masuka.lora.library;"
         "assert threading.active_count() == before, threading.enumerate();"
         "assert 'diffusers' not in sys.modules or True;"
         "print('ok')"

@@ -1,4 +1,4 @@
-"""Tests for the built-in tiny FLUX model (masuka/tiny.py). CPU only, fast.
+"""Tests for the built-in tiny FLUX model (masuka/model/tiny.py). CPU only, fast.
 
 Heavy imports (torch, diffusers, transformers) happen inside the tests, so the
 spawned worker processes of the concurrency test import this module cheaply.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from masuka import tiny
+from masuka.model import tiny
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def test_model_dir_name(tmp_path):
 
 
 def test_import_is_light():
-    code = "import sys, masuka.tiny; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = "import sys, masuka.model.tiny; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
@@ -222,7 +222,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 def _concurrent_worker(models_dir: str, builds_log: str, barrier, results) -> None:
     """Runs in a spawned process: count builds, start together, report the path."""
-    from masuka import tiny as tiny_module
+    from masuka.model import tiny as tiny_module
 
     original = tiny_module._save_tiny_model
 

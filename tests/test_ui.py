@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from masuka.ui import (
+from masuka.web.page import (
     aspect_of,
     aspect_presets,
     info_markdown,
@@ -15,11 +15,10 @@ from masuka.ui import (
     settings_from_image,
     settings_from_record,
 )
-from masuka.validation import (
-    DEV_DEFAULTS,
+from masuka.model.defaults import DEV_DEFAULTS, TINY_DEFAULTS
+from masuka.core.requests import (
     SIZE_MAX,
     SIZE_MIN,
-    TINY_DEFAULTS,
     LoraChoice,
     aspect_size,
     check_size,
@@ -58,7 +57,7 @@ def test_lora_slots_make_the_spec_the_manager_reads():
 
 def test_reused_settings_reproduce_the_job_and_the_image(manager):
     """What "Reuse settings" puts in the form makes the same picture again."""
-    from masuka.outputs import read_metadata
+    from masuka.store.outputs import read_metadata
 
     defaults = manager.loaded.defaults
     first = manager.generate(manager.validate(prompt="a lighthouse at dusk", seed=-1, steps=2, height=320, num_images=2))
@@ -97,8 +96,8 @@ def test_info_line_names_model_device_and_memory(manager):
 def test_only_generation_waits_for_the_gpu(manager):
     """Generation shares the GPU group (one at a time, queue position shown); every other page event
     answers at once while a job runs; Cancel is unqueued and drops a job still waiting."""
-    from masuka.api import GPU_GROUP
-    from masuka.ui import create_demo
+    from masuka.web.gradio_api import GPU_GROUP
+    from masuka.web.page import create_demo
 
     demo = create_demo(manager)
     fns = list(demo.fns.values())

@@ -115,7 +115,7 @@ def open_history_row(page, job_id: str) -> None:
 def test_generate_shows_images_with_seeds_and_the_job_in_history(page, app, tmp_path):
     from playwright.sync_api import expect
 
-    from masuka.outputs import read_metadata
+    from masuka.store.outputs import read_metadata
 
     expect(page.locator("#info")).to_contain_text("masuka/tiny-flux")
     expect(page.locator("#info")).to_contain_text("RAM")

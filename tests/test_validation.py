@@ -6,13 +6,11 @@ import math
 
 import pytest
 
-from masuka.validation import (
-    DEV_DEFAULTS,
-    SCHNELL_DEFAULTS,
-    TINY_DEFAULTS,
+from masuka.lora.types import validate_name
+from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS
+from masuka.core.requests import (
     LoraChoice,
     parse_lora_spec,
-    validate_name,
     validate_request,
 )
 

@@ -11,6 +11,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from masuka.lora.types import validate_name
+from masuka.model.defaults import DEV_DEFAULTS, ModelDefaults
+
 MAX_SEED = 2**53 - 1  # largest integer a JavaScript number (the page) holds exactly
 SIZE_MIN, SIZE_MAX, SIZE_STEP = 256, 2048, 16
 STEPS_MIN, STEPS_MAX = 1, 100
@@ -19,23 +22,6 @@ IMAGES_MIN, IMAGES_MAX = 1, 8
 LORA_SCALE_MIN, LORA_SCALE_MAX = -4.0, 4.0
 MAX_LORAS = 4
 CLIP_TOKEN_LIMIT = 77
-NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What `None` means for each parameter, per model family."""
-
-    width: int = 1024
-    height: int = 1024
-    steps: int = 28
-    guidance: float = 3.5
-    max_sequence_length: int = 512
-
-
-TINY_DEFAULTS = ModelDefaults(width=256, height=256, steps=4, guidance=3.5, max_sequence_length=512)
-SCHNELL_DEFAULTS = ModelDefaults(width=1024, height=1024, steps=4, guidance=0.0, max_sequence_length=256)
-DEV_DEFAULTS = ModelDefaults(width=1024, height=1024, steps=28, guidance=3.5, max_sequence_length=512)
 
 
 @dataclass(frozen=True)
@@ -61,15 +47,6 @@ class GenerateRequest:
         d["loras"] = [asdict(lc) for lc in self.loras]
         d["notes"] = list(self.notes)
         return d
-
-
-def validate_name(name: Any, what: str = "LoRA name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"{what} {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-' "
-            "(not starting with '.')"
-        )
-    return name
 
 
 def _number(name: str, value: Any) -> float:

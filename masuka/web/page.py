@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from .api import GPU_GROUP, register_api, user_of
-from .generator import GeneratorManager, GenerationResult, JobFailed
-from .jobs import FINAL_STATUSES, JOB_STATUSES, JobNotFound
-from .outputs import read_metadata
-from .validation import (
+from masuka.web.gradio_api import GPU_GROUP, register_api, user_of
+from masuka.core.runner import GeneratorManager, GenerationResult, JobFailed
+from masuka.store.jobs import FINAL_STATUSES, JOB_STATUSES, JobNotFound
+from masuka.store.outputs import read_metadata
+from masuka.core.requests import (
     GUIDANCE_MAX,
     GUIDANCE_MIN,
     IMAGES_MAX,
@@ -347,7 +347,7 @@ def _lora_tab(manager: GeneratorManager) -> gr.Button:
     """The LoRA library; returns its refresh button (create_demo also refreshes the LoRA choices on it)."""
     from gradio.data_classes import FileData
 
-    from .api import LORA_ADD_GROUP, LORA_ADD_LIMIT, add_lora_to_library
+    from masuka.web.gradio_api import LORA_ADD_GROUP, LORA_ADD_LIMIT, add_lora_to_library
 
     gr.Markdown(
         f"LoRA files (`.safetensors`) in `{manager.loras.folder}` are checked before they are listed as usable. "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings
+from masuka.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,17 @@ class Studio:
 
 def build_studio(settings: Settings, *, loaded=None) -> Studio:
     """Create the home folder, stores and the manager, and load the model (slow)."""
-    from .generator import GeneratorManager
-    from .jobs import JobStore
-    from .lora_cache import LoraStateCache
-    from .loras import LoraLibrary
-    from .models import load_pipeline
-    from .ratelimit import limiter_for
+    from masuka.core.runner import GeneratorManager
+    from masuka.store.jobs import JobStore
+    from masuka.lora.cache import LoraStateCache
+    from masuka.lora.library import LoraLibrary
+    from masuka.model.loading import load_pipeline
+    from masuka.core.ratelimit import limiter_for
 
     paths = settings.paths
     paths.create()
     if paths.db_backup is not None:
-        from .jobs import restore_backup
+        from masuka.store.jobs import restore_backup
 
         restore_backup(paths.db, paths.db_backup)
     jobs = JobStore(paths.db)
@@ -78,7 +78,7 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
         log.warning("marked %d job(s) interrupted (their process ended): %s", len(interrupted), interrupted)
     if loaded is None:
         loaded = load_pipeline(settings)
-    from .loras import fit_checker
+    from masuka.lora.library import fit_checker
 
     library = LoraLibrary(
         paths.loras,
@@ -99,7 +99,7 @@ def build_studio(settings: Settings, *, loaded=None) -> Studio:
     manager.rate_limiter = limiter_for(settings.rate_limit_per_minute)
     backup = None
     if paths.db_backup is not None:
-        from .backup import DbBackup
+        from masuka.store.backup import DbBackup
 
         backup = DbBackup(jobs, paths.db_backup)
         manager.job_listeners.append(backup.request)
@@ -116,7 +116,7 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
     check_served_folder(settings)
     if studio is None:
         studio = build_studio(settings)
-    from .ui import create_demo
+    from masuka.web.page import create_demo
 
     demo = create_demo(studio.manager)
     demo.queue(api_open=False, max_size=settings.queue_size, default_concurrency_limit=1)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .jobs import JobStore
-from .models import LoadedModel
-from .outputs import image_metadata, save_image
-from .validation import GenerateRequest, LoraChoice, MAX_SEED, validate_request
+from masuka.store.jobs import JobStore
+from masuka.model.loading import LoadedModel
+from masuka.store.outputs import image_metadata, save_image
+from masuka.lora.types import LoraInUse, LoraResolver, ResolvedLora
+from masuka.core.requests import GenerateRequest, LoraChoice, MAX_SEED, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,6 @@ class JobFailed(RuntimeError):
         super().__init__(f"job {job_id} failed: {reason}")
         self.job_id = job_id
         self.reason = reason
-
-
-class LoraNotUsable(ValueError):
-    """A LoRA that exists but cannot be used with this model (the message says why)."""
-
-
-@dataclass(frozen=True)
-class ResolvedLora:
-    name: str
-    file: Path
-    sha256: str
-
-
-class LoraResolver(Protocol):
-    def resolve(self, name: str) -> ResolvedLora: ...
 
 
 @dataclass
@@ -114,7 +100,7 @@ class GeneratorManager:
         self._fused = None  # fastlora.FusedState while the strategy is "fused"
         self._fallback_reason: str | None = None  # why the last LoRA set could not be fused
         self.inexact_restores = 0  # fused restores whose checksum failed (must stay 0)
-        from .lora_cache import LoraStateCache
+        from masuka.lora.cache import LoraStateCache
 
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
         # Called with the job id once a job's end is recorded (e.g. the history backup).
@@ -139,8 +125,6 @@ class GeneratorManager:
 
     def delete_lora(self, name: str):
         """Delete a LoRA from the library unless the running job uses it; returns its record."""
-        from .loras import LoraInUse
-
         self.loras.get(name)  # scan first if need be, outside the state lock
         with self._state:  # no job can start using it between the check and the delete
             if self._active is not None and name in self._active.loras:
@@ -353,7 +337,7 @@ class GeneratorManager:
     def set_loras(self, loras: str | tuple[LoraChoice, ...]) -> dict[str, Any]:
         """Make the pipeline hold exactly these LoRAs now, outside a job (warm-up, benchmarks);
         the same path a job takes.  ``loras`` is a spec like "a:0.8,b" or LoraChoice tuple."""
-        from .validation import parse_lora_spec
+        from masuka.core.requests import parse_lora_spec
 
         choices = parse_lora_spec(loras) if isinstance(loras, str) else tuple(loras)
         with self._gpu:
@@ -363,12 +347,12 @@ class GeneratorManager:
     def _apply_loras(self, choices: tuple[LoraChoice, ...]) -> None:
         """Make the pipeline hold exactly the requested LoRAs at the requested scales.
 
-        Fast path: fuse into the weights (exact restore, see masuka.fastlora).  LoRAs it
+        Fast path: fuse into the weights (exact restore, see masuka.core.fastlora).  LoRAs it
         cannot express go through diffusers' adapters instead (all of the set, then).
         A LoRA that does not fit is refused before any weight changes; any failure after
         that leaves the pipeline with no LoRA at all, never half of a set.
         """
-        from . import fastlora
+        from masuka.core import fastlora
 
         wanted: dict[str, tuple[ResolvedLora, float]] = {}
         for choice in choices:
@@ -399,7 +383,7 @@ class GeneratorManager:
         self._adapters, self._lora_strategy = dict(wanted), "fused"
 
     def _fast_resolution(self, wanted: dict[str, tuple[ResolvedLora, float]]):
-        from . import fastlora
+        from masuka.core import fastlora
 
         pin = self._fuse_device() is not None
 
@@ -461,7 +445,7 @@ class GeneratorManager:
 
     def _clear_loras(self) -> None:
         """Back to the original weights: restore what is fused, unload adapters."""
-        from . import fastlora
+        from masuka.core import fastlora
 
         fused, self._fused = self._fused, None
         try:

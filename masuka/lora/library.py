@@ -35,8 +35,7 @@ from typing import Any, Callable, Iterable
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
-from .generator import LoraNotUsable, ResolvedLora
-from .validation import validate_name
+from masuka.lora.types import LoraInUse, LoraNotUsable, ResolvedLora, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,6 @@ GENERIC_STEMS = {"pytorch_lora_weights", "lora", "adapter_model", "model", "diff
 
 FitChecker = Callable[[Path], "str | None"]
 ProgressCallback = Callable[[int, "int | None"], None]
-
-
-class LoraInUse(ValueError):
-    """Deleting a LoRA that a running job uses."""
 
 
 @dataclass
@@ -132,7 +127,7 @@ def fit_checker(transformer: Any) -> FitChecker:
     """
     import torch
 
-    from .lora_formats import check_fits
+    from masuka.lora.formats import check_fits
 
     shadow = transformer
     try:
@@ -237,7 +232,7 @@ class LoraLibrary:
 
     def _verify(self, file: Path):
         """Inspect a file for the library (size cap, header, completeness, format); raises LoraRefused."""
-        from .lora_formats import LoraRefused, inspect_lora_file
+        from masuka.lora.formats import LoraRefused, inspect_lora_file
 
         size = file.stat().st_size
         if size > self.max_bytes:
@@ -245,7 +240,7 @@ class LoraLibrary:
         return inspect_lora_file(file)
 
     def _judge(self, file: Path, old: LoraRecord | None) -> LoraRecord:
-        from .lora_formats import LoraRefused
+        from masuka.lora.formats import LoraRefused
 
         st = file.stat()
         name = self._name_of(file)
@@ -372,7 +367,7 @@ class LoraLibrary:
 
     def _clean_leftovers(self) -> None:
         """Temp files and staged transfers of killed processes (old, and nobody holds their lock)."""
-        from .downloads import cleanup_stale_partials
+        from masuka.net.transfers import cleanup_stale_partials
 
         incoming = self.folder / INCOMING
         cleanup_stale_partials(incoming, STALE_SECONDS, lock_dir=self._download_lock_dir())
@@ -537,7 +532,7 @@ class LoraLibrary:
             raise ValueError(f"uploaded file {src.name!r} is missing or not a file")
         size = src.stat().st_size
         if size > self.max_bytes:
-            from .lora_formats import LoraRefused
+            from masuka.lora.formats import LoraRefused
 
             raise LoraRefused(self._too_big(size))
         fd, tmp = tempfile.mkstemp(dir=self._staging(), prefix=".upload.", suffix=".incomplete")
@@ -568,7 +563,8 @@ class LoraLibrary:
         URLRefusedError, AmbiguousSourceError, DownloadTooLargeError) or
         DownloadError; nothing is left behind.
         """
-        from . import downloads, netsafe
+        from masuka.net import safe as netsafe
+        from masuka.net import transfers as downloads
 
         name = (name or "").strip()
         if name:

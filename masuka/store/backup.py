@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .jobs import JobStore
+from masuka.store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Transfers into the LoRA library folder.
 
-* :func:`download_url` — an http(s) URL through :mod:`masuka.netsafe` (SSRF checks,
+* :func:`download_url` — an http(s) URL through :mod:`masuka.net.safe` (SSRF checks,
   pinned connection, checked redirects), one download per target file at a time
   (a :class:`filelock.FileLock` next to it), streamed into a unique
   ``.<filename>.<random>.incomplete`` temp file in the same folder, size-capped,
@@ -35,7 +35,7 @@ from typing import Literal
 import filelock
 import httpx
 
-from masuka import netsafe
+from masuka.net import safe as netsafe
 
 logger = logging.getLogger(__name__)
 

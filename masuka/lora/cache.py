@@ -1,7 +1,7 @@
 """LoRAs already read, kept in CPU RAM (size-capped, least recently used out).
 
 Two kinds of entries share one byte cap: raw state dicts (for diffusers' adapter path)
-and converted fast-path plans (``masuka.fastlora.FusePlan``: factors ready to fuse).
+and converted fast-path plans (``masuka.core.fastlora.FusePlan``: factors ready to fuse).
 Switching back to a LoRA used earlier in the session then skips the disk read, the
 safetensors parse and the format conversion.
 """
@@ -36,7 +36,7 @@ class LoraStateCache:
 
     def get(self, lora) -> dict[str, Any]:
         """A fresh dict (diffusers pops keys from what it is given) of the LoRA's tensors."""
-        from .lora_formats import load_lora_state_dict
+        from masuka.lora.formats import load_lora_state_dict
 
         key = ("raw", lora.sha256)
         item = self._lookup(key)
@@ -44,21 +44,21 @@ class LoraStateCache:
             return dict(item)
         self.misses += 1
         # Verified read with keys normalised, so diffusers never silently skips unprefixed keys.
-        state = load_lora_state_dict(lora.file)
+        state = load_lora_state_dict(lora.path)
         self._store(key, state, state_dict_bytes(state))
         return dict(state)
 
     def get_plan(self, lora, build: Callable[[dict[str, Any]], Any]) -> Any:
         """The LoRA's converted fast-path plan (``build(state_dict)``, which has ``nbytes``);
         cached instead of the raw dict, so a LoRA used before needs no read nor conversion."""
-        from .lora_formats import load_lora_state_dict
+        from masuka.lora.formats import load_lora_state_dict
 
         key = ("plan", lora.sha256)
         plan = self._lookup(key)
         if plan is not None:
             return plan
         self.misses += 1
-        plan = build(load_lora_state_dict(lora.file))
+        plan = build(load_lora_state_dict(lora.path))
         self._store(key, plan, plan.nbytes)
         return plan
 

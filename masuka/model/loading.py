@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import TINY_MODEL, Settings, resolve_device_dtype
-from .validation import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
+from masuka.settings import TINY_MODEL, Settings, resolve_device_dtype
+from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def resolve_model_spec(spec: str, models_dir: Path, base_model: str = "") -> Mod
     """What ``--model`` names; raises ValueError saying what is wrong and what would work."""
     spec = (spec or "").strip()
     if spec == TINY_MODEL:
-        from .tiny import ensure_tiny_model
+        from masuka.model.tiny import ensure_tiny_model
 
         return ModelSource(KIND_TINY, str(ensure_tiny_model(models_dir)), is_demo=True)
     if spec.lower().endswith(SINGLE_FILE_SUFFIXES):
@@ -193,7 +193,7 @@ def check_access(source: ModelSource, token: str | None) -> None:
 
 def estimate_sizes(source: ModelSource):
     """Bytes of each part as it will be loaded, without reading any weight."""
-    from . import memory
+    from masuka.model import memory
 
     if source.kind in (KIND_TINY, KIND_FOLDER):
         return memory.folder_sizes(Path(source.location))
@@ -211,7 +211,7 @@ def estimate_sizes(source: ModelSource):
 
 def plan_profile(requested: str, source: ModelSource, device: Any):
     """The memory profile to load with (auto decided here, before loading), with why."""
-    from . import memory
+    from masuka.model import memory
 
     if requested != "auto":
         return memory.ProfileChoice(requested, "asked for")
@@ -238,7 +238,7 @@ def _hub_error(exc: Exception, source: ModelSource) -> ValueError | None:
 def _read_pipeline(source: ModelSource, dtype: Any, token: str | None, profile: str, device: Any):
     from diffusers import FluxPipeline
 
-    from . import memory
+    from masuka.model import memory
 
     on_cuda = getattr(device, "type", str(device)) == "cuda"
     kwargs: dict[str, Any] = {"dtype": dtype, "token": token}
@@ -266,7 +266,7 @@ def _read_pipeline(source: ModelSource, dtype: Any, token: str | None, profile: 
 def _read_single_file(source: ModelSource, dtype: Any, token: str | None, profile: str):
     from diffusers import FluxTransformer2DModel
 
-    from . import memory
+    from masuka.model import memory
 
     kwargs: dict[str, Any] = {
         "config": source.base.location,
@@ -293,7 +293,7 @@ def _read_single_file(source: ModelSource, dtype: Any, token: str | None, profil
 def load_pipeline(settings: Settings) -> LoadedModel:
     import torch
 
-    from .memory import apply_memory_profile
+    from masuka.model.memory import apply_memory_profile
 
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)

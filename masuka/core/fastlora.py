@@ -103,7 +103,7 @@ def build_plan(state_dict: Mapping[str, Any], *, pin: bool = False) -> FusePlan:
     """
     from diffusers import FluxPipeline
 
-    from .lora_formats import normalize_lora_keys
+    from masuka.lora.formats import normalize_lora_keys
 
     raw = normalize_lora_keys(state_dict)
     marker = next((k for k in raw if any(m in k for m in _LYCORIS_MARKERS)), None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from . import __version__
+from masuka import __version__
 
 log = logging.getLogger(__name__)
 

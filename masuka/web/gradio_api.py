@@ -13,9 +13,9 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from .downloads import DownloadError
-from .generator import GeneratorManager, JobFailed
-from .jobs import JobNotFound
+from masuka.net.transfers import DownloadError
+from masuka.core.runner import GeneratorManager, JobFailed
+from masuka.store.jobs import JobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def history_columns() -> list[str]:
 def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
     """Define the API endpoints inside the current `gr.Blocks` context.
 
-    `rate_limiter` (a `masuka.ratelimit.RateLimiter`) defaults to the manager's
+    `rate_limiter` (a `masuka.core.ratelimit.RateLimiter`) defaults to the manager's
     (`build_studio` sets it from `--rate-limit`)."""
     if rate_limiter is None:
         rate_limiter = getattr(manager, "rate_limiter", None)
