@@ -214,7 +214,8 @@ def test_hostile_image_settings_are_dropped_with_a_reason(name, overrides, chang
 @pytest.mark.parametrize("meta", [None, [1, 2], "x", 5, math.nan, _deep(100_000)])
 def test_settings_that_are_not_an_object_give_the_defaults(meta):
     fields, messages = settings_from_metadata(meta, DEV_DEFAULTS)
-    assert fields == DEFAULT_FIELDS and messages == ["the settings in this image are not a JSON object; nothing was loaded"]
+    assert fields == DEFAULT_FIELDS
+    assert messages == ["the settings in this image are not a JSON object; nothing was loaded"]
 
 
 def test_good_settings_pass_unchanged_and_every_valid_field_is_a_valid_request():
