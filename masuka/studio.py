@@ -256,6 +256,8 @@ def build_studio(settings: Settings, *, loaded: LoadedModel | None = None) -> St
         fits=fit_checker(loaded.pipe.transformer),
         allow_private=settings.allow_private_urls,
         lock_dir=paths.lora_locks,
+        download_timeout_s=settings.download_timeout_s,
+        download_min_rate_kib=settings.download_min_rate_kib,
     )
     library.scan()
     backup = DbBackup(jobs, paths.db_backup) if paths.db_backup is not None else None
