@@ -45,6 +45,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from masuka.lora.formats import normalize_lora_keys
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "text_encoder")
@@ -102,8 +104,6 @@ def build_plan(state_dict: Mapping[str, Any], *, pin: bool = False) -> FusePlan:
     either).  ``pin=True`` pins the factors (faster host-to-GPU copies).
     """
     from diffusers import FluxPipeline
-
-    from masuka.lora.formats import normalize_lora_keys
 
     raw = normalize_lora_keys(state_dict)
     marker = next((k for k in raw if any(m in k for m in _LYCORIS_MARKERS)), None)

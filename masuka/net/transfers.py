@@ -37,7 +37,7 @@ import filelock
 import httpx
 
 from masuka.net import safe as netsafe
-from masuka.net.limits import DEFAULT_RATE_WINDOW_S
+from masuka.settings import DEFAULT_RATE_WINDOW_S
 
 logger = logging.getLogger(__name__)
 
