@@ -136,3 +136,42 @@ def run(manager, **kw):
     kw.setdefault("prompt", "a lighthouse at dusk")
     kw.setdefault("seed", 7)
     return manager.generate(manager.validate(**kw))
+
+
+class Holder:
+    """A job that holds the runner at its first step until released (no timing races)."""
+
+    def __init__(self, studio, **request):
+        import threading
+
+        from masuka.studio import Caller
+
+        self.started, self._release = threading.Event(), threading.Event()
+        request.setdefault("prompt", "holder")
+        request.setdefault("steps", 2)
+
+        def hold(done, total):
+            self.started.set()
+            self._release.wait(120)
+
+        self.ticket = studio.submit(studio.validate(**request), Caller(), on_step=hold)
+        self.job_id = self.ticket.job_id
+        assert self.started.wait(60), "the holding job never started"
+
+    def release(self):
+        self._release.set()
+        assert self.ticket.done.wait(60)
+
+
+@pytest.fixture
+def holding():
+    """holding(studio, **request) -> Holder; every holder is released at the end of the test."""
+    holders = []
+
+    def make(studio, **request):
+        holders.append(Holder(studio, **request))
+        return holders[-1]
+
+    yield make
+    for holder in holders:
+        holder.release()

@@ -154,25 +154,6 @@ def test_lora_failing_halfway_leaves_the_pipeline_with_no_lora(manager, monkeypa
 # --------------------------------------------------------------------------- cancel
 
 
-def test_cancel_during_a_run_then_the_next_job_runs(manager):
-    job_ids: list[str] = []
-    stepping = threading.Event()
-
-    def on_step(done, total):
-        stepping.set()
-        time.sleep(0.05)
-
-    ticket = manager.submit(manager.validate(prompt="slow", steps=60, seed=1), on_step=on_step)
-    job_ids.append(ticket.job_id)
-    assert stepping.wait(60)
-    assert manager.cancel(job_ids[0])
-    assert ticket.done.wait(60)
-    assert manager.collect(ticket).status == "cancelled"
-    assert manager.jobs.get(job_ids[0])["status"] == "cancelled"
-    assert run(manager).status == "completed"
-    assert_nothing_stuck(manager)
-
-
 # --------------------------------------------------------------------------- killed process
 
 # A second process that shares the home and owns a running job (no model needed for that).

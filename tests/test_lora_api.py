@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
 
 import pytest
 from conftest import walk_keys
@@ -117,21 +116,22 @@ def test_a_path_on_the_server_is_not_an_upload(app, client, tmp_path):
     assert leftovers(app.manager.loras.folder) == []
 
 
-def test_delete_is_refused_while_a_running_job_uses_it(app, client, tmp_path):
-    path = lora_file(app, tmp_path, make_peft_lora, "busy.safetensors", 14)
-    client.predict(file=handle_file(str(path)), api_name="/add_lora")
-    job = client.submit(prompt="long", lora="busy", steps=100, width=512, height=512, api_name="/generate")
-    running = None
-    deadline = time.time() + 60
-    while running is None and time.time() < deadline:
-        rows = client.predict(limit=5, status="running", api_name="/history")
-        running = rows[0]["job_id"] if rows else None
-        time.sleep(0.05)
-    assert running
+def test_delete_is_refused_while_a_waiting_or_running_job_uses_it(app, client, tmp_path, holding):
+    for name, seed in (("busy", 14), ("next", 15)):
+        path = lora_file(app, tmp_path, make_peft_lora, f"{name}.safetensors", seed)
+        client.predict(file=handle_file(str(path)), api_name="/add_lora")
+    holder = holding(app.studio, lora="busy")  # runs with "busy" and holds the runner
+    waiting = client.submit(prompt="after", lora="next", api_name="/generate")
+    deadline = time.monotonic() + 30
+    while app.studio.queue_length() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     with pytest.raises(AppError, match="used by the running job"):
         client.predict(name="busy", api_name="/delete_lora")
-    assert (app.manager.loras.folder / "busy.safetensors").exists()
-    client.predict(job_id=running, api_name="/cancel")
-    _, record = job.result(timeout=60)
-    assert record["status"] == "cancelled"
-    assert client.predict(name="busy", api_name="/delete_lora")["deleted"] is True
+    with pytest.raises(AppError, match="used by the waiting job"):
+        client.predict(name="next", api_name="/delete_lora")
+    assert (app.studio.lora_folder / "busy.safetensors").exists()
+    holder.release()
+    assert waiting.result(timeout=60)[1]["status"] == "completed"
+    for name in ("busy", "next"):
+        assert client.predict(name=name, api_name="/delete_lora")["deleted"] is True

@@ -7,7 +7,6 @@ and the allowed range; the UI and API edges turn that into `gr.Error`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
 from typing import Any
