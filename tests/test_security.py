@@ -434,7 +434,7 @@ def module_app(tmp_path_factory, tiny_model_dir):
     close(app)
 
 
-LONG_PROMPT = "a very long prompt about a lighthouse " * 120  # far beyond 512 T5 tokens
+LONG_PROMPT = "a very long prompt about a lighthouse " * 100  # 3700 characters, far beyond 512 T5 tokens
 NaN, Inf, NegInf = Literal("NaN"), Literal("Infinity"), Literal("-Infinity")
 
 BAD_INPUT = [
@@ -443,6 +443,7 @@ BAD_INPUT = [
     ("null prompt", {"prompt": None}, ["prompt"]),
     ("numeric prompt", {"prompt": 42}, ["prompt"]),
     ("over-long prompt", {"prompt": LONG_PROMPT}, ["prompt", "T5 tokens", "512"]),
+    ("megabyte prompt", {"prompt": "\u2603" * 1_000_000}, ["prompt is 1000000 characters", "limit is 4000"]),
     ("width not /16", {"width": 300}, ["width", "multiple of 16"]),
     ("height not /16", {"height": 264.5}, ["height", "multiple of 16"]),
     ("width too small", {"width": 128}, ["width", "256"]),
