@@ -283,13 +283,6 @@ def test_overall_time_limit(server, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_probe_filename_reads_headers_only(server, tmp_path):
-    assert downloads.probe_filename(server.url("/redirect"), allow_private=True) == "Cool Style v2.safetensors"
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        downloads.probe_filename(server.url("/missing"), allow_private=True)
-    with pytest.raises(ValueError, match="loopback"):
-        downloads.probe_filename(server.url("/file"), allow_private=False)
-
 # --------------------------------------------------------------------------- processes
 
 

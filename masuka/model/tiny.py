@@ -190,13 +190,6 @@ def _save_tiny_model(folder: Path) -> None:
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(path: Path, **kwargs: Any):
-    """Load the tiny model folder as a ``FluxPipeline`` (like any real model)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline.from_pretrained(str(path), **kwargs)
-
-
 # --------------------------------------------------------------------------
 # Components
 # --------------------------------------------------------------------------
