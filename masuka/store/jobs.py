@@ -770,21 +770,15 @@ class JobStore:
         rows = self._conn().execute(sql, (*args, limit)).fetchall()
         return [self._record(row) for row in rows]
 
-    def history(
-        self,
-        *,
-        limit: int = 50,
-        status: str | None = None,
-        search: str | None = None,
-        user: str | None = None,
-    ) -> list[dict[str, Any]]:
+    def history(self, **filters: Any) -> list[dict[str, Any]]:
         """Rows for a history table, newest first: the ``HISTORY_COLUMNS`` of each job.
 
-        Prompt and error are cut to ``HISTORY_TEXT_LIMIT`` characters (``get`` has them
-        whole), so a huge prompt cannot swell a listing; ``duration_s`` is rounded to 0.01 s.
+        ``filters``: those of :meth:`list` (limit, status, search, user).  Prompt and
+        error are cut to ``HISTORY_TEXT_LIMIT`` characters (``get`` has them whole), so
+        a huge prompt cannot swell a listing; ``duration_s`` is rounded to 0.01 s.
         """
         rows = []
-        for job in self.list(limit=limit, status=status, search=search, user=user):
+        for job in self.list(**filters):
             duration = job["duration_s"]
             rows.append(
                 {
@@ -802,18 +796,11 @@ class JobStore:
             )
         return rows
 
-    def dataframe(
-        self,
-        *,
-        limit: int = 50,
-        status: str | None = None,
-        search: str | None = None,
-        user: str | None = None,
-    ) -> pandas.DataFrame:
+    def dataframe(self, **filters: Any) -> pandas.DataFrame:
         """:meth:`history` as a table for the page (columns ``HISTORY_COLUMNS``)."""
         import pandas as pd  # heavy: imported only when a table is wanted
 
-        rows = self.history(limit=limit, status=status, search=search, user=user)
+        rows = self.history(**filters)
         frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
         for column in ("seed", "requested_seed", "steps"):
             frame[column] = frame[column].astype("Int64")
