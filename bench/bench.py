@@ -273,7 +273,7 @@ def make_lora(transformer, path: Path, rank: int, seed: int, device, strength: f
 # ---- MASUKA's manager around the same pipeline -------------------------------------
 
 class TimedManager:
-    """GeneratorManager on ``pipe``, with the PNG save and the cleanup timed apart."""
+    """MASUKA's Runner on ``pipe``, with the PNG save and the cleanup timed apart."""
 
     def __init__(self, pipe, variant: Variant, size: int, device, dtype, home: Path):
         import masuka.core.runner as generator
@@ -290,7 +290,7 @@ class TimedManager:
                              dtype=dtype, is_demo=True, memory_profile="full", memory_reason="bench")
         self.jobs = JobStore(home / "masuka.db")
         self.library = LoraLibrary(home / "loras", max_bytes=4 * 1024**3)
-        self.manager = generator.GeneratorManager(loaded, self.jobs, self.library, home / "outputs",
+        self.manager = generator.Runner(loaded, self.jobs, self.library, home / "outputs",
                                                   lora_cache=LoraStateCache(max_bytes=2 * 1024**3))
         self.variant, self.size, self.device = variant, size, device
         self.save_s = 0.0
@@ -331,15 +331,7 @@ class TimedManager:
     def switch(self, spec: str) -> float:
         """Make the pipeline hold exactly ``spec``'s LoRAs; seconds (GPU work included)."""
         manager = self.manager
-        if hasattr(manager, "set_loras"):
-            return timed(lambda: manager.set_loras(spec), self.device)[0]
-        from masuka.core.requests import parse_lora_spec
-
-        def apply():
-            with manager._gpu:
-                manager._apply_loras(parse_lora_spec(spec, 1.0))
-
-        return timed(apply, self.device)[0]
+        return timed(lambda: manager.set_loras(spec), self.device)[0]
 
     def strategy(self) -> str:
         status = getattr(self.manager, "lora_status", None)

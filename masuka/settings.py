@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from masuka.model.tiny import TINY_MODEL_ID
+from masuka.net.limits import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S
 
 DEFAULT_HOME = Path("~/.masuka")
 DEFAULT_PORT = 7860
@@ -81,6 +82,8 @@ class Settings:
     lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES
     lora_cache_mb: int = 2048
     allow_private_urls: bool = False
+    download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S  # a LoRA download's overall limit; 0 = none
+    download_min_rate_kib: float = DEFAULT_DOWNLOAD_MIN_RATE_KIB  # KiB/s averaged over 30 s; 0 = none
     loras_dir: Path | None = None
     outputs_dir: Path | None = None
     db_backup: Path | None = None
@@ -197,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest LoRA file accepted (also the upload limit). Env: MASUKA_LORA_MAX_MB. Default: 2048",
     )
+    p.add_argument(
+        "--download-timeout",
+        type=float,
+        default=None,
+        help="seconds a LoRA download from a link may take in all, 0 = no limit. Env: MASUKA_DOWNLOAD_TIMEOUT. "
+        f"Default: {DEFAULT_DOWNLOAD_TIMEOUT_S:g}",
+    )
+    p.add_argument(
+        "--download-min-rate",
+        type=float,
+        default=None,
+        help="KiB/s a LoRA download from a link must average over 30 s (checked after the first 30 s), "
+        f"0 = no minimum. Env: MASUKA_DOWNLOAD_MIN_RATE. Default: {DEFAULT_DOWNLOAD_MIN_RATE_KIB:g}",
+    )
     return p
 
 
@@ -243,6 +260,12 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", 0, int),
         lora_max_bytes=int(lora_mb) * 1024**2,
         allow_private_urls=bool(_env_flag(env, "MASUKA_ALLOW_PRIVATE_URLS")),
+        download_timeout_s=_pick(
+            args.download_timeout, env, "MASUKA_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT_S, float
+        ),
+        download_min_rate_kib=_pick(
+            args.download_min_rate, env, "MASUKA_DOWNLOAD_MIN_RATE", DEFAULT_DOWNLOAD_MIN_RATE_KIB, float
+        ),
         loras_dir=_optional_path(_pick(args.loras_dir, env, "MASUKA_LORAS_DIR", None)),
         outputs_dir=_optional_path(_pick(args.outputs_dir, env, "MASUKA_OUTPUTS_DIR", None)),
         db_backup=_optional_path(_pick(args.db_backup, env, "MASUKA_DB_BACKUP", None)),
@@ -266,6 +289,12 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError(f"db backup {settings.db_backup} is the database itself; pick another file")
     if settings.lora_max_bytes < 1024**2:
         raise ValueError(f"LoRA size cap {settings.lora_max_bytes // 1024**2} MB must be at least 1 MB")
+    for what, value in (
+        ("download timeout (--download-timeout)", settings.download_timeout_s),
+        ("download minimum rate (--download-min-rate)", settings.download_min_rate_kib),
+    ):
+        if not 0 <= value < float("inf"):  # also refuses NaN
+            raise ValueError(f"{what} {value:g} must be 0 (no limit) or a positive finite number")
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):

@@ -53,16 +53,17 @@ def settings(home):
 
 @pytest.fixture
 def studio(settings):
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
 
     st = build_studio(settings)
     yield st
-    st.manager.jobs.close()
+    st.close()
 
 
 @pytest.fixture
 def manager(studio):
-    return studio.manager
+    """The studio's runner (the pipeline, its LoRAs and the job queue)."""
+    return studio.runner
 
 
 def free_port() -> int:
@@ -77,7 +78,7 @@ class LiveApp:
 
     @property
     def manager(self):
-        return self.studio.manager
+        return self.studio.runner
 
     def client(self, **kwargs):
         from gradio_client import Client
@@ -88,7 +89,8 @@ class LiveApp:
 def launch_app(settings, studio=None) -> LiveApp:
     from dataclasses import replace
 
-    from masuka.web.server import build_studio, launch
+    from masuka.studio import build_studio
+    from masuka.web.server import launch
 
     settings = replace(settings, port=free_port())
     studio = studio or build_studio(settings)
@@ -101,7 +103,7 @@ def live_app(settings):
     app = launch_app(settings)
     yield app
     app.demo.close()
-    app.manager.jobs.close()
+    app.studio.close()
 
 
 @pytest.fixture(autouse=True)

@@ -119,7 +119,7 @@ def test_damaged_backup_is_kept_aside_and_the_app_starts_empty(tmp_path):
 def test_runtime_reset_keeps_history_images_and_loras_on_drive(tmp_path, tiny_model_dir):
     from conftest import seed_home
 
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
 
     drive = tmp_path / "drive" / "MASUKA"
     settings = Settings(
@@ -129,30 +129,30 @@ def test_runtime_reset_keeps_history_images_and_loras_on_drive(tmp_path, tiny_mo
         db_backup=drive / "masuka.db",
     )
     studio = build_studio(settings)
-    manager = studio.manager
+    manager = studio.runner
     result = manager.generate(manager.validate(prompt="a lighthouse", seed=5))
     assert result.images[0].is_relative_to(drive / "outputs")
     assert studio.backup.flush(30)
     assert read_backup(drive / "masuka.db")[result.job_id] == "completed"
-    manager.jobs.close()
+    studio.close()
 
     # A new runtime: empty local disk, the same Drive folder.
     settings2 = replace(settings, home=seed_home(tmp_path / "runtime2", tiny_model_dir))
     studio2 = build_studio(settings2)
-    record = studio2.manager.jobs.get(result.job_id)
+    record = studio2.runner.jobs.get(result.job_id)
     assert record["status"] == "completed" and Path(record["outputs"][0]).is_file()
     assert (tmp_path / "runtime2" / "masuka.db").is_file()
-    studio2.manager.jobs.close()
+    studio2.close()
 
 
 def test_slow_or_broken_drive_never_holds_up_or_fails_a_job(tmp_path, tiny_model_dir):
     from conftest import seed_home
 
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
 
     settings = Settings(home=seed_home(tmp_path / "home", tiny_model_dir), db_backup=tmp_path / "drive" / "m.db")
     studio = build_studio(settings)
-    manager = studio.manager
+    manager = studio.runner
     assert studio.backup.flush(30)
     gate, calls = threading.Event(), []
     real_backup = manager.jobs.backup_to
@@ -178,7 +178,7 @@ def test_slow_or_broken_drive_never_holds_up_or_fails_a_job(tmp_path, tiny_model
     third = manager.generate(manager.validate(prompt="three", seed=3))
     assert third.status == "completed"
     assert studio.backup.flush(30) and studio.backup.failures == 1
-    manager.jobs.close()
+    studio.close()
 
 
 def test_lora_locks_stay_on_local_disk_when_the_library_is_elsewhere(tmp_path, tiny_model_dir):
@@ -190,7 +190,7 @@ def test_lora_locks_stay_on_local_disk_when_the_library_is_elsewhere(tmp_path, t
     from lora_factory import make_peft_lora, make_tiny_transformer
 
     from conftest import seed_home
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
     from masuka.settings import Settings
 
     home = seed_home(tmp_path / "home", tiny_model_dir)
@@ -211,11 +211,11 @@ def test_lora_locks_stay_on_local_disk_when_the_library_is_elsewhere(tmp_path, t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         studio = build_studio(settings)
-        rec = studio.manager.loras.add_source(f"http://127.0.0.1:{server.server_port}/style.safetensors", "style")
+        rec = studio.runner.loras.add_source(f"http://127.0.0.1:{server.server_port}/style.safetensors", "style")
         assert rec.name == "style" and (drive / "style.safetensors").is_file()
-        studio.manager.loras.scan()
+        studio.runner.loras.scan()
         assert not [p for p in drive.rglob("*.lock")], "lock files on the Drive-like folder"
         assert list((home / "locks" / "loras").rglob("*.lock"))  # they are on the home's disk
-        studio.manager.jobs.close()
+        studio.close()
     finally:
         server.shutdown()

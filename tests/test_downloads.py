@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import multiprocessing
+import re
 import threading
 import time
 from collections import Counter
@@ -135,6 +136,15 @@ class FileServer:
         self._send_body(h, self.data[: 2 * CHUNK], 0)
         self.stop.wait(30)
         return False
+
+    def route_trickle(self, h):  # a byte every 50 ms: each read is well within the read timeout
+        h._head(200, {"Content-Length": str(len(self.data))})
+        for i in range(len(self.data)):
+            if self.stop.wait(0.05):
+                return False
+            h.wfile.write(self.data[i : i + 1])
+            h.wfile.flush()
+        return None
 
     def route_redirect(self, h):
         h._head(302, {"Location": "/file", "Content-Length": "0"})
@@ -281,6 +291,50 @@ def test_overall_time_limit(server, tmp_path):
     with pytest.raises(DownloadError, match="longer than 0.2 s"):
         get(server.url("/slow"), tmp_path, max_seconds=0.2)
     assert leftovers(tmp_path) == []
+
+
+def test_trickle_below_the_minimum_rate_fails_fast_and_leaves_nothing(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        get(server.url("/trickle"), tmp_path, min_rate=50 * 1024, rate_window_s=0.5)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert re.match(r"download too slow: 0\.0\d KiB/s over the last 0\.5\d* s", message), message
+    assert "; the minimum is 50 KiB/s" in message and "MASUKA_DOWNLOAD_MIN_RATE" in message
+    assert elapsed < 5  # the whole body would take 1.5 MiB x 50 ms = 22 hours
+    assert leftovers(tmp_path) == []
+    assert server.completed["/trickle"] == 0
+
+
+def test_overall_deadline_stops_a_trickle(server, tmp_path):
+    with pytest.raises(DownloadError, match="took longer than 0.4 s; aborted .*MASUKA_DOWNLOAD_TIMEOUT"):
+        get(server.url("/trickle"), tmp_path, max_seconds=0.4)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_steady_download_passes_the_rate_check(server, tmp_path):
+    # /slow sends 64 KiB every 30 ms (~2 MiB/s) for ~0.7 s: several windows of 0.2 s are judged.
+    result = get(server.url("/slow"), tmp_path, min_rate=256 * 1024, rate_window_s=0.2, max_seconds=30)
+    assert result.sha256 == DATA_SHA and leftovers(tmp_path) == [NAME]
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"min_rate": 0}, ["min_rate", "positive", "0"]),
+        ({"min_rate": -5}, ["min_rate", "-5"]),
+        ({"min_rate": float("nan")}, ["min_rate", "nan"]),
+        ({"max_seconds": 0}, ["max_seconds", "positive"]),
+        ({"max_seconds": float("inf")}, ["max_seconds", "inf"]),
+        ({"rate_window_s": 0}, ["rate_window_s", "positive"]),
+    ],
+)
+def test_bad_pace_arguments_are_refused_before_any_transfer(server, tmp_path, kwargs, words):
+    with pytest.raises(ValueError) as info:
+        get(server.url("/file"), tmp_path, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+    assert server.started["/file"] == 0
 
 
 # --------------------------------------------------------------------------- processes

@@ -156,23 +156,18 @@ def test_lora_failing_halfway_leaves_the_pipeline_with_no_lora(manager, monkeypa
 
 def test_cancel_during_a_run_then_the_next_job_runs(manager):
     job_ids: list[str] = []
-    results: dict[str, object] = {}
     stepping = threading.Event()
 
     def on_step(done, total):
         stepping.set()
         time.sleep(0.05)
 
-    def worker():
-        request = manager.validate(prompt="slow", steps=60, seed=1)
-        results["r"] = manager.generate(request, on_step=on_step, on_job=job_ids.append)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
+    ticket = manager.submit(manager.validate(prompt="slow", steps=60, seed=1), on_step=on_step)
+    job_ids.append(ticket.job_id)
     assert stepping.wait(60)
     assert manager.cancel(job_ids[0])
-    thread.join(60)
-    assert results["r"].status == "cancelled"
+    assert ticket.done.wait(60)
+    assert manager.collect(ticket).status == "cancelled"
     assert manager.jobs.get(job_ids[0])["status"] == "cancelled"
     assert run(manager).status == "completed"
     assert_nothing_stuck(manager)
@@ -196,20 +191,18 @@ threading.Event().wait()
 HOLDER = r"""
 import sys, threading
 from pathlib import Path
-from masuka.web.server import build_studio
+from masuka.studio import build_studio
 from masuka.settings import Settings
 
-manager = build_studio(Settings(home=Path(sys.argv[1]))).manager
+runner = build_studio(Settings(home=Path(sys.argv[1]))).runner
 
 def on_step(done, total):
     print("RUNNING", flush=True)
     threading.Event().wait()  # a very long generation
 
-manager.generate(
-    manager.validate(prompt=sys.argv[2], steps=50),
-    on_job=lambda job_id: print("JOB", job_id, flush=True),
-    on_step=on_step,
-)
+ticket = runner.submit(runner.validate(prompt=sys.argv[2], steps=50), on_step=on_step)
+print("JOB", ticket.job_id, flush=True)
+ticket.done.wait()
 """
 
 
@@ -246,7 +239,7 @@ def _wait_running(proc, lines: queue.Queue, timeout: float = 120) -> str:
 
 def test_killed_process_job_is_interrupted_after_restart_a_live_ones_stays_running(home):
     from masuka.store.jobs import JobStore
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
     from masuka.settings import Settings
 
     killed, killed_out = _start_holder(home, "killed mid-job")
@@ -259,12 +252,12 @@ def test_killed_process_job_is_interrupted_after_restart_a_live_ones_stays_runni
 
         studio = build_studio(Settings(home=home))  # the restart
         try:
-            jobs = studio.manager.jobs
+            jobs = studio.runner.jobs
             assert jobs.get(killed_job)["status"] == "interrupted"
             assert jobs.get(alive_job)["status"] == "running"  # its process lives: not ours to touch
-            assert run(studio.manager).status == "completed"  # and the restarted studio serves
+            assert run(studio.runner).status == "completed"  # and the restarted studio serves
         finally:
-            studio.manager.jobs.close()
+            studio.close()
     finally:
         for proc in (killed, alive):
             if proc.poll() is None:

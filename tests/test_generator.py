@@ -100,15 +100,14 @@ def test_unknown_lora_is_a_failed_job_naming_it(manager):
 
 def test_cancel_stops_at_next_step_and_saves_nothing(manager):
     steps_seen = []
-    job_ids = []
 
     def on_step(done, total):
         steps_seen.append(done)
         if done == 2:
-            assert manager.cancel(job_ids[0])
+            assert manager.cancel(manager.running_job_id())
 
     req = manager.validate(prompt="slow", steps=50, seed=1)
-    result = manager.generate(req, on_step=on_step, on_job=job_ids.append)
+    result = manager.generate(req, on_step=on_step)
     assert result.status == "cancelled" and result.images == []
     assert max(steps_seen) == 2
     record = manager.jobs.get(result.job_id)
@@ -140,8 +139,8 @@ def test_cancel_session_only_cancels_that_session(manager):
 
 
 def test_history_survives_restart(studio, settings):
-    job = run(studio.manager)
-    studio.manager.jobs.close()
+    job = run(studio.runner)
+    studio.close()
     from masuka.store.jobs import JobStore
 
     again = JobStore(settings.paths.db)

@@ -78,7 +78,7 @@ def test_twenty_clients_at_once_each_get_their_own_images(settings):
             assert np.array_equal(pixels(files[0]), pixels(reference.images[0])), f"client with seed {seed}"
     finally:
         app.demo.close()
-        manager.jobs.close()
+        app.studio.close()
 
 
 @pytest.mark.timeout(900)

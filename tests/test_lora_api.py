@@ -30,7 +30,7 @@ def app(tmp_path_factory, tiny_model_dir):
     live = launch_app(Settings(home=home, allow_private_urls=True))
     yield live
     live.demo.close()
-    live.manager.jobs.close()
+    live.studio.close()
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,26 @@ def test_cut_transfer_leaves_nothing_and_a_retry_succeeds(server, tmp_path, file
     assert leftovers(lib.folder) == ["Neon_Style_v2.safetensors"]
 
 
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"download_min_rate_kib": 50, "download_rate_window_s": 0.5},
+         r"^download too slow: 0\.0\d KiB/s over the last 0\.5\d* s; the minimum is 50 KiB/s"),
+        ({"download_timeout_s": 0.5, "download_min_rate_kib": 0}, r"took longer than 0\.5 s"),
+    ],
+)
+def test_a_trickling_link_is_given_up_and_leaves_nothing(server, tmp_path, limits, message):
+    """A server sending a byte every 50 ms no longer holds a download slot for minutes."""
+    url = server.add("/trickle.safetensors", b"x" * 4096, chunk=1, delay=0.05)
+    lib = library(tmp_path, **limits)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=message):
+        lib.add_source(url, "trickle")
+    assert time.monotonic() - start < 10  # the whole body would take 200 s
+    assert leftovers(lib.folder) == [] and lib.scan() == []
+    assert server.completed["/trickle.safetensors"] == 0
+
+
 def test_sigkill_mid_download_leaves_nothing_that_looks_complete(server, tmp_path, files):
     data = files.kohya.read_bytes()
     url = server.add("/slow", data, chunk=1024, delay=0.2)  # about 6 s

@@ -25,7 +25,7 @@ def app(tmp_path, tiny_model_dir):
     live = launch_app(Settings(home=seed_home(tmp_path / "home", tiny_model_dir), allow_private_urls=True))
     yield live
     live.demo.close()
-    live.manager.jobs.close()
+    live.studio.close()
 
 
 @pytest.fixture

@@ -136,11 +136,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="memory profiles
 
 
 def _studio_with_lora(settings, profile):
-    from masuka.web.server import build_studio
+    from masuka.studio import build_studio
     from lora_factory import make_peft_lora
 
     studio = build_studio(replace(settings, memory=profile, device="cuda"))
-    manager = studio.manager
+    manager = studio.runner
     make_peft_lora(manager.pipe.transformer, manager.loras.folder / "style.safetensors", seed=1)
     manager.loras.scan()
     return manager

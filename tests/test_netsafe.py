@@ -239,6 +239,28 @@ def test_metadata_addresses_always_refused(url):
 
 
 @pytest.mark.parametrize(
+    "url, suggested",
+    [
+        ("http://10.0.0.1/", True),
+        ("http://[::1]/", True),
+        ("http://[::ffff:192.168.0.2]/", True),
+        ("http://169.254.169.254/", False),  # metadata: refused even with the switch, so never suggested
+        ("http://100.100.100.200/", False),
+        ("http://[fd00:ec2::254]/", False),
+        ("http://[::ffff:169.254.169.254]/", False),
+    ],
+)
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_private_url_switch_is_suggested_only_where_it_would_help(url, suggested, allow_private):
+    if allow_private and suggested:
+        check_url(url, allow_private=True)
+        return
+    with pytest.raises(URLRefusedError) as info:
+        check_url(url, allow_private=allow_private)
+    assert ("MASUKA_ALLOW_PRIVATE_URLS" in str(info.value)) == (suggested and not allow_private), str(info.value)
+
+
+@pytest.mark.parametrize(
     "host, answer",
     [
         ("evil.example", ["10.0.0.5"]),

@@ -90,10 +90,10 @@ print("CI-RESULT " + json.dumps({
 """
 
 CI_RUN_AGAIN = """\
-ci_first_manager = studio.manager
+ci_first_manager = studio.runner
 {launch}
-assert studio.manager is ci_first_manager, "running the launch cell again loaded the model again"
-studio.manager.jobs.close()
+assert studio.runner is ci_first_manager, "running the launch cell again loaded the model again"
+studio.close()
 print("CI-REUSED")
 """
 

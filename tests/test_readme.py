@@ -86,7 +86,7 @@ def test_python_examples_run_against_a_live_app(tmp_path, tiny_model_dir, monkey
     finally:
         server.close()
         app.demo.close()
-        app.manager.jobs.close()
+        app.studio.close()
 
     out = printed.getvalue()
     ns = namespace

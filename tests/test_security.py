@@ -14,7 +14,6 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -28,7 +27,7 @@ SHARE_ENV = ("GRADIO_SHARE", "MASUKA_AUTH", "COLAB_RELEASE_TAG", "COLAB_GPU")
 
 def close(app) -> None:
     app.demo.close()
-    app.manager.jobs.close()
+    app.studio.close()
 
 
 def stuck_jobs(manager) -> list[dict]:
@@ -243,21 +242,20 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
             assert took < 2, f"{name} took {took:.2f} s while a job ran"
         assert manager.running_job_id() == running  # still running: the reads did not wait for it
 
-        # Two more wait (max_size=2); the next one is told the queue is full.
+        # Two more wait in the runner's queue (queue_size=2); the next one, by any way in, is refused.
         waiting = [app.client().submit(prompt=f"waiting {i}", steps=1, api_name="/generate") for i in range(2)]
-        for job in waiting:
-            _wait_for(lambda job=job: job.status().code == Status.IN_QUEUE, what="a job to wait in the queue")
-        with pytest.raises(QueueError, match="[Qq]ueue is full"):
+        _wait_for(lambda: manager.queue_length() == 2, what="two jobs to wait in the queue")
+        with pytest.raises(AppError, match="queue is full"):
             app.client().predict(prompt="one too many", steps=1, api_name="/generate")
-        refused = httpx.post(f"{app.url}gradio_api/call/generate", json={"data": ["raw extra"]}, timeout=30)
-        assert refused.status_code == 503 and "Queue is full" in refused.text
+        event, message = raw_call(app.url, "generate", generate_body(prompt="raw extra"))
+        assert event == "error" and "queue is full" in message
 
-        # A full queue still answers reads at once over their plain HTTP routes (they are not
-        # queued); gradio_client sends everything through the queue, so it sees "queue full".
+        # A full queue still answers reads at once (they are not queued).
         started = time.perf_counter()
         r = httpx.post(f"{app.url}gradio_api/api/history", json={"data": [5, "", ""]}, timeout=30)
         assert r.status_code == 200 and time.perf_counter() - started < 5
-        assert r.json()["data"][0][0]["job_id"] == running
+        rows = {row["job_id"]: row["status"] for row in r.json()["data"][0]}
+        assert rows[running] == "running" and list(rows.values()).count("queued") == 2
 
         # No way around the queue for generation: its direct route answers 404.
         for name, data in [("generate", ["x"]), ("add_lora", ["http://example.invalid/x", "", None])]:
@@ -274,41 +272,16 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
         close(app)
 
 
-def test_generation_shares_one_gpu_group():
-    """The API's generation runs in the one GPU concurrency group, one at a time; reads run beside it."""
-    from masuka.web.gradio_api import GPU_GROUP
-
-    import gradio as gr
-    from masuka.web.gradio_api import register_api
-
-    manager = SimpleNamespace(rate_limiter=None)
-    with gr.Blocks() as demo:
-        register_api(manager)  # type: ignore[arg-type]
-    fns = {fn.api_name: fn for fn in demo.fns.values()}
-    assert fns["generate"].concurrency_id == GPU_GROUP and fns["generate"].concurrency_limit == 1
-    assert fns["generate"].queue  # queued: with api_open=False its direct route stays closed
-    for name in ("history", "job", "loras", "cancel"):
-        # Not queued: they never wait behind a job, and nothing is skipped by calling them directly.
-        assert fns[name].concurrency_id != GPU_GROUP and fns[name].queue is False
-
-
 # --------------------------------------------------------------------------- rate limit
 
 
-def fake_request(username=None, host=None, session=None):
-    return SimpleNamespace(
-        username=username,
-        client=SimpleNamespace(host=host) if host else None,
-        session_hash=session,
-    )
-
-
 def test_rate_limit_is_a_sliding_window_per_user():
-    from masuka.core.ratelimit import RateLimited, RateLimiter, request_key
+    from masuka.core.ratelimit import RateLimited, RateLimiter
+    from masuka.studio import Caller
 
     now = [1000.0]
     limiter = RateLimiter(3, clock=lambda: now[0])
-    alice, bob = fake_request("alice", "127.0.0.1", "s1"), fake_request("bob", "127.0.0.1", "s1")
+    alice, bob = Caller("alice", "127.0.0.1", "s1").key, Caller("bob", "127.0.0.1", "s1").key
     for t in (0, 10, 20):
         now[0] = 1000 + t
         limiter.check(alice)
@@ -320,9 +293,9 @@ def test_rate_limit_is_a_sliding_window_per_user():
     limiter.check(alice)
     with pytest.raises(RateLimited):
         limiter.check(alice)
-    assert request_key(fake_request(None, "10.0.0.7", "s9")) == "ip:10.0.0.7"
-    assert request_key(fake_request(None, None, "s9")) == "session:s9"
-    assert request_key(fake_request("carol", "10.0.0.7", "s9")) == "user:carol"
+    assert Caller(None, "10.0.0.7", "s9").key == "ip:10.0.0.7"
+    assert Caller(None, None, "s9").key == "session:s9"
+    assert Caller("carol", "10.0.0.7", "s9").key == "user:carol"
 
 
 def page_generate(app, prompt: str) -> tuple[bool, str]:

@@ -40,6 +40,35 @@ def test_private_urls_allowed_only_when_asked(value, allowed):
     assert parse_settings([], env={}).allow_private_urls is False
 
 
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        ([], {}, (1800.0, 50.0)),
+        ([], {"MASUKA_DOWNLOAD_TIMEOUT": "600", "MASUKA_DOWNLOAD_MIN_RATE": "10.5"}, (600.0, 10.5)),
+        (["--download-timeout", "90", "--download-min-rate", "0"], {"MASUKA_DOWNLOAD_TIMEOUT": "600"}, (90.0, 0.0)),
+    ],
+)
+def test_download_limits_from_flags_and_env(argv, env, expected):
+    s = parse_settings(argv, env=env)
+    assert (s.download_timeout_s, s.download_min_rate_kib) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, env, words",
+    [
+        (["--download-timeout", "-1"], {}, ["download timeout", "-1"]),
+        ([], {"MASUKA_DOWNLOAD_MIN_RATE": "nan"}, ["download minimum rate", "nan"]),
+        ([], {"MASUKA_DOWNLOAD_MIN_RATE": "fast"}, ["MASUKA_DOWNLOAD_MIN_RATE", "fast"]),
+        ([], {"MASUKA_DOWNLOAD_TIMEOUT": "inf"}, ["download timeout", "inf"]),
+    ],
+)
+def test_bad_download_limits_are_refused(argv, env, words):
+    with pytest.raises(ValueError) as info:
+        parse_settings(argv, env=env)
+    for word in words:
+        assert word in str(info.value)
+
+
 def test_colab_shares_by_default():
     assert parse_settings([], env={"COLAB_RELEASE_TAG": "r1"}).share is True
     assert parse_settings(["--no-share"], env={"COLAB_RELEASE_TAG": "r1"}).share is False

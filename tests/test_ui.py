@@ -86,39 +86,8 @@ def test_settings_from_a_record_with_loras_and_missing_fields():
     assert form.seed == 7 and form.steps == TINY_DEFAULTS.steps and form.loras == [("ink", 0.5)]
 
 
-def test_info_line_names_model_device_and_memory(manager):
-    line = info_markdown(manager)
+def test_info_line_names_model_device_and_memory(studio):
+    line = info_markdown(studio)
     assert "masuka/tiny-flux" in line and "cpu" in line and "float32" in line and "RAM" in line and "idle" in line
-    mem = memory_in_use(manager.loaded.device)
+    mem = memory_in_use(studio.device)
     assert mem.kind == "RAM" and 0 < mem.used < mem.total
-
-
-def test_only_generation_waits_for_the_gpu(manager):
-    """Generation shares the GPU group (one at a time, queue position shown); every other page event
-    answers at once while a job runs; Cancel is unqueued and drops a job still waiting."""
-    from masuka.web.gradio_api import GPU_GROUP
-    from masuka.web.page import create_demo
-
-    demo = create_demo(manager)
-    fns = list(demo.fns.values())
-    gpu = [f for f in fns if f.concurrency_id == GPU_GROUP]
-    assert sorted(f.name for f in gpu) == ["generate", "on_generate"]  # the API endpoint and the page
-    assert all(f.concurrency_limit == 1 for f in gpu)
-    page_gen = next(f for f in gpu if f.name == "on_generate")
-    assert page_gen.api_visibility == "private"
-
-    answers_at_once = {
-        "on_check", "history_frame", "on_select_job", "on_pick", "on_pick_history", "on_reuse_job",
-        "on_reuse_image", "on_drop", "on_aspect", "show_failure", "lora_choice_updates", "on_cancel",
-    }
-    named = {f.name: f for f in fns if f.fn is not None}
-    assert answers_at_once <= set(named)
-    for f in fns:
-        if f.name in answers_at_once:
-            assert f.queue is False or f.concurrency_limit is None, f"{f.name} could wait behind another event"
-    cancel = next(f for f in fns if f.name == "on_cancel")
-    assert cancel.queue is False
-    dropper = [f for f in fns if f.is_cancel_function]
-    assert dropper and all(page_gen._id in f.cancels for f in dropper)
-    api_names = {f.api_name for f in fns if f.api_visibility != "private"}
-    assert {"generate", "loras", "history", "job", "cancel"} <= api_names

@@ -9,10 +9,14 @@ import pytest
 from masuka.lora.types import validate_name
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS
 from masuka.core.requests import (
+    MAX_SEED,
+    PROMPT_MAX_CHARS,
     LoraChoice,
     parse_lora_spec,
+    settings_from_metadata,
     validate_request,
 )
+from masuka.store.imagefiles import parse_metadata_json
 
 OK = dict(prompt="a red fox in snow")
 
@@ -24,6 +28,8 @@ OK = dict(prompt="a red fox in snow")
         ({"prompt": "   "}, ["prompt"]),
         ({"prompt": None}, ["prompt"]),
         ({"prompt": 5}, ["prompt"]),
+        ({"prompt": "x" * 1_000_000}, ["prompt is 1000000 characters; the limit is 4000"]),
+        ({"prompt": "\U0001f98a" * 4001}, ["prompt is 4001 characters; the limit is 4000"]),
         ({"width": 250}, ["width", "multiple of 16"]),
         ({"width": 240}, ["width", "256", "2048"]),
         ({"width": 2064}, ["width", "2048"]),
@@ -44,6 +50,9 @@ OK = dict(prompt="a red fox in snow")
         ({"seed": -2}, ["seed"]),
         ({"seed": 2**53}, ["seed"]),
         ({"seed": "x"}, ["seed", "number"]),
+        ({"seed": 10**400}, ["seed", "finite", "401-digit number"]),  # was an OverflowError
+        ({"seed": 10**5000}, ["seed", "finite", "5001-digit number"]),  # repr() of it raises
+        ({"steps": [[[[1]]]]}, ["steps", "a list of 1 item"]),
         ({"lora_scale": 9, "lora": "a"}, ["lora_scale"]),
         ({"lora": "../../x"}, ["LoRA name", "../../x"]),
         ({"lora": "a/b"}, ["LoRA name"]),
@@ -115,3 +124,118 @@ def test_prompt_token_limits():
         validate_request(prompt=long_prompt, defaults=DEV_DEFAULTS, t5_tokenizer=t5)
     req = validate_request(prompt=" ".join(["w"] * 100), defaults=DEV_DEFAULTS, t5_tokenizer=t5, clip_tokenizer=t5)
     assert any("CLIP" in note and "77" in note for note in req.notes)
+
+
+def test_prompt_at_the_character_limit_is_accepted_and_no_tokenizer_sees_a_longer_one():
+    seen: list[int] = []
+
+    class Recording(_CountingTokenizer):
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return super().__call__(text, **kw)
+
+    assert validate_request(prompt="a" * PROMPT_MAX_CHARS, t5_tokenizer=Recording()).prompt == "a" * PROMPT_MAX_CHARS
+    with pytest.raises(ValueError, match="the limit is 4000"):
+        validate_request(prompt="a" * (PROMPT_MAX_CHARS + 1), t5_tokenizer=Recording())
+    assert seen == [PROMPT_MAX_CHARS]
+
+
+# ---- settings dropped in from an image (PNG metadata), every hostile payload of the test
+GOOD_META = {
+    "prompt": "a fox", "seed": 42, "steps": 9, "guidance": 2.5, "width": 512, "height": 768,
+    "loras": [{"name": "ink", "scale": 0.5}, {"name": "film-grain"}], "job_id": "j1", "model": "m",
+}
+GOOD_FIELDS = {
+    "prompt": "a fox", "seed": 42, "steps": 9, "guidance": 2.5, "width": 512, "height": 768,
+    "loras": [("ink", 0.5), ("film-grain", 1.0)], "num_images": 1,
+}
+DEFAULT_FIELDS = {"prompt": "", "seed": -1, "steps": 28, "guidance": 3.5, "width": 1024, "height": 1024,
+                  "loras": [], "num_images": 1}
+
+
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+SEED_RULE = f"seed must be a whole number from 0 to {MAX_SEED}"
+HOSTILE_SETTINGS = [
+    ("seed 1e400 as read", {"seed": "1e400"}, {"seed": -1}, ["seed '1e400' dropped", SEED_RULE, "random seed"]),
+    ("seed inf", {"seed": math.inf}, {"seed": -1}, ["seed inf dropped", SEED_RULE]),
+    ("seed NaN as read", {"seed": "NaN"}, {"seed": -1}, ["seed 'NaN' dropped", SEED_RULE]),
+    ("seed nan", {"seed": math.nan}, {"seed": -1}, ["seed nan dropped"]),
+    ("seed abc", {"seed": "abc"}, {"seed": -1}, ["seed 'abc' dropped", SEED_RULE]),
+    ("seed 10**30", {"seed": 10**30}, {"seed": -1}, ["seed 1000000000000000000000000000000 dropped"]),
+    ("seed 10**5000", {"seed": 10**5000}, {"seed": -1}, ["seed a 5001-digit number dropped"]),
+    ("seed 2**53", {"seed": 2**53}, {"seed": -1}, [SEED_RULE]),
+    ("seed -1", {"seed": -1}, {"seed": -1}, [SEED_RULE]),
+    ("seed 2.5", {"seed": 2.5}, {"seed": -1}, [SEED_RULE]),
+    ("seed true", {"seed": True}, {"seed": -1}, ["seed True dropped"]),
+    ("seed nested", {"seed": _deep(100_000)}, {"seed": -1}, ["seed a list of 1 item dropped"]),
+    ("seed object", {"seed": {"a": 1}}, {"seed": -1}, ["seed an object with 1 key dropped"]),
+    ("loras [1, 2]", {"loras": [1, 2]}, {"loras": []}, ["LoRA entry 1 (1) dropped", "LoRA entry 2 (2) dropped"]),
+    ("loras a string", {"loras": "ink:0.5"}, {"loras": []}, ["loras 'ink:0.5' dropped", "must be a list"]),
+    ("LoRA path", {"loras": [{"name": "../../etc/passwd", "scale": 99}]}, {"loras": []},
+     ["LoRA '../../etc/passwd' dropped", "letters, digits"]),
+    ("LoRA scale 99", {"loras": [{"name": "ink", "scale": 99}, {"name": "ok", "scale": -4}]},
+     {"loras": [("ok", -4.0)]}, ["LoRA 'ink' at scale 99 dropped", "from -4 to 4"]),
+    ("LoRA scale NaN", {"loras": [{"name": "ink", "scale": "NaN"}]}, {"loras": []}, ["scale 'NaN' dropped"]),
+    ("LoRA name nested", {"loras": [{"name": _deep(100_000), "scale": 1}]}, {"loras": []}, ["a list of 1 item"]),
+    ("LoRA twice", {"loras": [{"name": "a"}, {"name": "a", "scale": 2}]}, {"loras": [("a", 1.0)]}, ["twice"]),
+    ("five LoRAs", {"loras": [{"name": n} for n in "abcde"]}, {"loras": [(n, 1.0) for n in "abcd"]},
+     ["LoRA 'e' dropped: at most 4"]),
+    ("30000 bad LoRAs", {"loras": [1] * 30000}, {"loras": []}, ["and 29992 more LoRA entries dropped"]),
+    ("steps 0", {"steps": 0}, {"steps": 28}, ["steps 0 dropped", "from 1 to 100", "default 28"]),
+    ("steps 101", {"steps": 101}, {"steps": 28}, ["steps 101 dropped"]),
+    ("steps list", {"steps": [1, 2]}, {"steps": 28}, ["steps a list of 2 items dropped"]),
+    ("width 257", {"width": 257}, {"width": 1024}, ["width 257 dropped", "multiple of 16", "default 1024"]),
+    ("height 10**30", {"height": 10**30}, {"height": 1024}, ["height 1000000000000000000000000000000 dropped"]),
+    ("guidance 1e400", {"guidance": "1e400"}, {"guidance": 3.5}, ["guidance '1e400' dropped", "0 to 30"]),
+    ("guidance -1", {"guidance": -1}, {"guidance": 3.5}, ["guidance -1 dropped"]),
+    ("prompt 1 MB", {"prompt": "x" * 1_000_000}, {"prompt": ""},
+     ["prompt 'xxxx", "(1000000 characters) dropped", "at most 4000 characters"]),
+    ("prompt a number", {"prompt": 5}, {"prompt": ""}, ["prompt 5 dropped"]),
+    ("prompt blank", {"prompt": "   "}, {"prompt": ""}, ["prompt '   ' dropped"]),
+]
+
+
+@pytest.mark.parametrize("name, overrides, changed, words", HOSTILE_SETTINGS, ids=[r[0] for r in HOSTILE_SETTINGS])
+def test_hostile_image_settings_are_dropped_with_a_reason(name, overrides, changed, words):
+    fields, messages = settings_from_metadata(GOOD_META | overrides, DEV_DEFAULTS)
+    assert fields == GOOD_FIELDS | changed
+    text = "\n".join(messages)
+    for word in words:
+        assert word in text, (word, text)
+    assert len(messages) <= 9
+
+
+@pytest.mark.parametrize("meta", [None, [1, 2], "x", 5, math.nan, _deep(100_000)])
+def test_settings_that_are_not_an_object_give_the_defaults(meta):
+    fields, messages = settings_from_metadata(meta, DEV_DEFAULTS)
+    assert fields == DEFAULT_FIELDS
+    assert messages == ["the settings in this image are not a JSON object; nothing was loaded"]
+
+
+def test_good_settings_pass_unchanged_and_every_valid_field_is_a_valid_request():
+    fields, messages = settings_from_metadata(GOOD_META, DEV_DEFAULTS)
+    assert (fields, messages) == (GOOD_FIELDS, [])
+    spec = ",".join(f"{name}:{scale:g}" for name, scale in fields["loras"])
+    req = validate_request(**{k: v for k, v in fields.items() if k != "loras"}, lora=spec)
+    assert req.seed == 42 and req.loras == (LoraChoice("ink", 0.5), LoraChoice("film-grain", 1.0))
+    missing, notes = settings_from_metadata({"prompt": "p"}, TINY_DEFAULTS)
+    assert missing == {**DEFAULT_FIELDS, "prompt": "p", "steps": 4, "width": 256, "height": 256} and notes == []
+
+
+def test_chunk_text_of_the_hostile_test_loads_as_far_as_it_is_valid():
+    raw = (
+        '{"prompt": "p", "seed": 1e400, "steps": 0, "guidance": NaN, "width": 257, "height": 512,'
+        ' "loras": [1, {"name": "../../etc/passwd", "scale": 99}, {"name": "ink", "scale": 0.75}]}'
+    )
+    fields, messages = settings_from_metadata(parse_metadata_json(raw), SCHNELL_DEFAULTS)
+    assert fields == {"prompt": "p", "seed": -1, "steps": 4, "guidance": 0.0, "width": 1024, "height": 512,
+                      "loras": [("ink", 0.75)], "num_images": 1}
+    assert [m.split(" dropped")[0] for m in messages] == [
+        "seed '1e400'", "steps 0", "guidance 'NaN'", "width 257", "LoRA entry 1 (1)", "LoRA '../../etc/passwd'",
+    ]

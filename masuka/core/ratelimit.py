@@ -1,9 +1,7 @@
-"""A per-user sliding-window rate limit on generations.
+"""A per-caller sliding-window rate limit on generations, for every way in.
 
-Keyed on the request: the login name when the app has a password, else the
-client's address, else the browser session.  Through a Gradio share link every
-visitor reaches the app from the tunnel's local address, so without a password
-they would all share one budget; a share link always has a password here.
+Keyed on a caller key (`masuka.studio.Caller.key`: the login name when the app has
+a password, else the client's address, else the browser session).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +21,6 @@ _SWEEP_AT = 1024  # keys held before idle ones are swept out
 
 class RateLimited(ValueError):
     """Too many generations in the window; the message names the limit and the wait."""
-
-
-def request_key(request: Any) -> str:
-    """Who is asking: `user:<name>`, `ip:<address>` or `session:<hash>`."""
-    if request is None:
-        return "local"
-    username = getattr(request, "username", None)
-    if username:
-        return f"user:{username}"
-    client = getattr(request, "client", None)
-    host = getattr(client, "host", None) if client is not None else None
-    if host:
-        return f"ip:{host}"
-    session = getattr(request, "session_hash", None)
-    return f"session:{session}" if session else "local"
 
 
 class RateLimiter:
@@ -52,9 +35,8 @@ class RateLimiter:
         self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, request: Any) -> None:
-        """Count one generation for this request's user, or raise `RateLimited`."""
-        key = request_key(request)
+    def check(self, key: str) -> None:
+        """Count one generation for this caller (`masuka.studio.Caller.key`), or raise `RateLimited`."""
         now = self._clock()
         with self._lock:
             if len(self._hits) >= _SWEEP_AT:

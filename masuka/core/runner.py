@@ -1,32 +1,39 @@
-"""The generator manager: owns the ONE pipeline and the active LoRA set.
+"""The runner: owns the ONE pipeline, the active LoRA set and the one FIFO queue of jobs.
 
-One generation at a time (a lock, on top of Gradio's concurrency group, so a
-script calling the manager directly is safe too).  Every job is recorded in the
-job store from the moment it is accepted until it ends, whatever happens.
+Every way in (the page, gradio_client, REST, later workers) calls `submit`, which
+records the job as queued and puts it at the back of the queue; one worker thread
+takes jobs from the front, one at a time.  Waiting positions, cancel of a waiting or
+running job, and the queue cap are all answered here, so every way in sees the same
+queue.  Every job is recorded in the job store from the moment it is accepted until
+it ends, whatever happens.
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import random
-import re
 import threading
 import time
 import traceback as tb
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from masuka.store.jobs import JobStore
+from masuka.core.lorastate import LoraState
+from masuka.core.requests import MAX_SEED, GenerateRequest, LoraChoice, parse_lora_spec, validate_request
+from masuka.lora.cache import LoraStateCache
+from masuka.lora.types import LoraInUse, LoraResolver
 from masuka.model.loading import LoadedModel
+from masuka.store.jobs import JobStore
 from masuka.store.outputs import image_metadata, save_image
-from masuka.lora.types import LoraInUse, LoraResolver, ResolvedLora
-from masuka.core.requests import GenerateRequest, LoraChoice, MAX_SEED, validate_request
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps total) over the whole job
+IMAGES_HEADROOM = 8  # a random seed leaves room for seed + i of every image
+DEFAULT_QUEUE_SIZE = 20
 
 
 class JobCancelled(Exception):
@@ -42,6 +49,10 @@ class JobFailed(RuntimeError):
         self.reason = reason
 
 
+class QueueFull(ValueError):
+    """The queue holds as many waiting jobs as it may; the message says how many."""
+
+
 @dataclass
 class GenerationResult:
     job_id: str
@@ -52,16 +63,33 @@ class GenerationResult:
 
 
 @dataclass
-class _ActiveJob:
+class Ticket:
+    """A job in the runner: its place in the queue, its progress and, at the end, its outcome."""
+
     job_id: str
+    request: GenerateRequest
+    params: dict[str, Any]
+    seeds: list[int]
+    user: str | None
     session: str | None
+    on_step: StepCallback | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    loras: frozenset[str] = frozenset()  # names the job asked for (deleting them is refused)
+    done: threading.Event = field(default_factory=threading.Event)
+    steps_done: int = 0
+    steps_total: int = 0
+    result: GenerationResult | None = None
+    failure: JobFailed | None = None
 
+    @property
+    def loras(self) -> frozenset[str]:
+        return frozenset(lc.name for lc in self.request.loras)
 
-def adapter_name(lora: ResolvedLora) -> str:
-    # peft keeps adapters in ModuleDicts, whose keys may not contain '.'.
-    return "m_" + re.sub(r"[^A-Za-z0-9_]", "_", lora.name) + "_" + lora.sha256[:8]
+    def outcome(self) -> GenerationResult:
+        """The result once done; raises JobFailed for a failed job."""
+        if self.failure is not None:
+            raise self.failure
+        assert self.result is not None, "outcome() before the job ended"
+        return self.result
 
 
 def friendly_error(exc: BaseException) -> str:
@@ -78,7 +106,7 @@ def friendly_error(exc: BaseException) -> str:
     return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
 
 
-class GeneratorManager:
+class Runner:
     def __init__(
         self,
         loaded: LoadedModel,
@@ -86,33 +114,47 @@ class GeneratorManager:
         loras: LoraResolver,
         outputs_dir: Path,
         *,
-        lora_cache=None,
+        lora_cache: LoraStateCache | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        job_listeners: list[Callable[[str], None]] | None = None,
     ):
         self.loaded = loaded
         self.jobs = jobs
         self.loras = loras
         self.outputs_dir = outputs_dir
-        self._gpu = threading.Lock()  # one generation (or LoRA load) on the pipeline at a time
-        self._state = threading.Lock()  # guards _active
-        self._active: _ActiveJob | None = None
-        self._adapters: dict[str, tuple[ResolvedLora, float]] = {}  # adapter name -> (lora, scale)
-        self._lora_strategy = "none"  # how _adapters is applied: "fused", "adapters" or "none"
-        self._fused = None  # fastlora.FusedState while the strategy is "fused"
-        self._fallback_reason: str | None = None  # why the last LoRA set could not be fused
-        self.inexact_restores = 0  # fused restores whose checksum failed (must stay 0)
-        from masuka.lora.cache import LoraStateCache
-
+        self.queue_size = queue_size
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
+        self._lora_state = LoraState(loaded.pipe, loras, self.lora_cache, loaded.device)
+        self._pipe_lock = threading.Lock()  # the worker's job, or set_loras from outside a job
+        self._state = threading.Condition()  # guards _waiting, _running, _tickets, _closed
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: Ticket | None = None
+        self._tickets: dict[str, Ticket] = {}  # every job not yet collected by wait()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         # Called with the job id once a job's end is recorded (e.g. the history backup).
-        self.job_listeners: list[Callable[[str], None]] = []
+        self._job_listeners = tuple(job_listeners or ())
 
     # ---- read-only views -------------------------------------------------
     @property
     def pipe(self):
         return self.loaded.pipe
 
+    @property
+    def inexact_restores(self) -> int:
+        return self._lora_state.inexact_restores
+
+    @property
+    def lora_strategy(self) -> str:
+        """How the active LoRAs are applied: "fused" (fast path), "adapters" (diffusers/peft) or "none"."""
+        return self._lora_state.strategy.value
+
     def active_loras(self) -> list[dict[str, Any]]:
-        return [{"name": lora.name, "scale": scale} for lora, scale in self._adapters.values()]
+        return self._lora_state.held()
+
+    def lora_status(self) -> dict[str, Any]:
+        """What the pipeline holds now (for the UI, benchmarks and tests)."""
+        return self._lora_state.status()
 
     def loras_in_use(self) -> set[str]:
         """LoRA names the running job asked for (deleting them is refused).
@@ -121,24 +163,34 @@ class GeneratorManager:
         the next job's swap drops whatever it does not ask for.
         """
         with self._state:
-            return set(self._active.loras) if self._active is not None else set()
-
-    def delete_lora(self, name: str):
-        """Delete a LoRA from the library unless the running job uses it; returns its record."""
-        self.loras.get(name)  # scan first if need be, outside the state lock
-        with self._state:  # no job can start using it between the check and the delete
-            if self._active is not None and name in self._active.loras:
-                raise LoraInUse(
-                    f"LoRA {name!r} is used by the running job {self._active.job_id}; "
-                    "delete it when that job has ended (or cancel it)"
-                )
-            record = self.loras.delete(name)
-        self.lora_cache.forget(record.sha256)
-        return record
+            return set(self._running.loras) if self._running is not None else set()
 
     def running_job_id(self) -> str | None:
         with self._state:
-            return self._active.job_id if self._active else None
+            return self._running.job_id if self._running else None
+
+    def position(self, job_id: str) -> int | None:
+        """0 while the job runs, n when n-1 jobs wait before it, None when it is not here."""
+        with self._state:
+            if self._running is not None and self._running.job_id == job_id:
+                return 0
+            for i, ticket in enumerate(self._waiting, start=1):
+                if ticket.job_id == job_id:
+                    return i
+        return None
+
+    def queue_length(self) -> int:
+        with self._state:
+            return len(self._waiting)
+
+    def tickets(self) -> list[Ticket]:
+        """The running job, then the waiting ones in order."""
+        with self._state:
+            return ([self._running] if self._running is not None else []) + list(self._waiting)
+
+    def ticket(self, job_id: str) -> Ticket | None:
+        with self._state:
+            return self._tickets.get(job_id)
 
     # ---- validation ------------------------------------------------------
     def validate(self, **raw: Any) -> GenerateRequest:
@@ -150,25 +202,54 @@ class GeneratorManager:
             clip_tokenizer=getattr(pipe, "tokenizer", None),
         )
 
-    # ---- cancel ----------------------------------------------------------
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a running job; False when it is not running here."""
+    # ---- the queue -------------------------------------------------------
+    def submit(
+        self,
+        request: GenerateRequest,
+        *,
+        user: str | None = None,
+        session: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Ticket:
+        """Record the job as queued and put it at the back of the queue (raises QueueFull)."""
         with self._state:
-            if self._active is not None and self._active.job_id == job_id:
-                self._active.cancel.set()
-                log.info("cancel requested for job %s", job_id)
-                return True
-        return False
+            if self._closed:
+                raise RuntimeError("the runner is closed")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(
+                    f"the queue is full ({len(self._waiting)} jobs waiting, the limit is {self.queue_size}); "
+                    "try again in a minute"
+                )
+            seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - IMAGES_HEADROOM)
+            seed = min(seed, MAX_SEED - (request.num_images - 1))
+            seeds = [seed + i for i in range(request.num_images)]
+            params = request.params() | {"model": self.loaded.spec, "requested_seed": request.seed}
+            job_id = self.jobs.create(
+                params=params,
+                loras=[{"name": lc.name, "scale": lc.scale} for lc in request.loras],
+                user=user,
+                session=session,
+                status="queued",
+            )
+            self.jobs.set_seeds(job_id, seeds)
+            ticket = Ticket(job_id, request, params, seeds, user, session, on_step)
+            ticket.steps_total = request.steps * request.num_images
+            self._waiting.append(ticket)
+            self._tickets[job_id] = ticket
+            self._ensure_worker()
+            self._state.notify_all()
+        return ticket
 
-    def cancel_session(self, session: str) -> str | None:
-        """Cancel the running job of one browser session (never anyone else's)."""
+    def wait(self, job_id: str, timeout: float | None = None) -> bool:
+        """Block until the job ends (True) or the timeout passes (False)."""
+        ticket = self.ticket(job_id)
+        return True if ticket is None else ticket.done.wait(timeout)
+
+    def changed(self, timeout: float) -> None:
+        """Block until something in the queue changes (progress, a start, an end) or the timeout."""
         with self._state:
-            if self._active is not None and session and self._active.session == session:
-                self._active.cancel.set()
-                return self._active.job_id
-        return None
+            self._state.wait(timeout)
 
-    # ---- generation ------------------------------------------------------
     def generate(
         self,
         request: GenerateRequest,
@@ -176,62 +257,123 @@ class GeneratorManager:
         user: str | None = None,
         session: str | None = None,
         on_step: StepCallback | None = None,
-        on_job: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - IMAGES_HEADROOM)
-        seed = min(seed, MAX_SEED - (request.num_images - 1))
-        seeds = [seed + i for i in range(request.num_images)]
-        params = request.params() | {"model": self.loaded.spec, "requested_seed": request.seed}
-        job_id = self.jobs.create(
-            params=params,
-            loras=[{"name": lc.name, "scale": lc.scale} for lc in request.loras],
-            user=user,
-            session=session,
-            status="queued",
-        )
-        self.jobs.set_seeds(job_id, seeds)
-        if on_job is not None:
-            on_job(job_id)
-        with self._gpu:
-            active = _ActiveJob(job_id, session, loras=frozenset(lc.name for lc in request.loras))
+        """Submit and wait for the end: the result, or JobFailed."""
+        ticket = self.submit(request, user=user, session=session, on_step=on_step)
+        ticket.done.wait()
+        return self.collect(ticket)
+
+    def collect(self, ticket: Ticket) -> GenerationResult:
+        """The outcome of an ended job (and forget its ticket)."""
+        with self._state:
+            self._tickets.pop(ticket.job_id, None)
+        return ticket.outcome()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a waiting or running job; False when it is neither here."""
+        with self._state:
+            if self._running is not None and self._running.job_id == job_id:
+                self._running.cancel.set()
+                log.info("cancel requested for running job %s", job_id)
+                return True
+            for ticket in self._waiting:
+                if ticket.job_id == job_id:
+                    self._waiting.remove(ticket)
+                    break
+            else:
+                return False
+        self._end_waiting(ticket)
+        return True
+
+    def cancel_session(self, session: str) -> str | None:
+        """Cancel the newest job of one browser session (never anyone else's): the running one
+        first, else its last waiting one.  Returns the job id, or None."""
+        if not session:
+            return None
+        with self._state:
+            running = self._running
+            if running is not None and running.session == session:
+                running.cancel.set()
+                return running.job_id
+            mine = [t for t in self._waiting if t.session == session]
+        if mine and self.cancel(mine[-1].job_id):
+            return mine[-1].job_id
+        return None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, cancel the waiting ones, let the running one end."""
+        with self._state:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            if self._running is not None:
+                self._running.cancel.set()
+            self._state.notify_all()
+        for ticket in waiting:
+            self._end_waiting(ticket)
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _end_waiting(self, ticket: Ticket) -> None:
+        self.jobs.mark_cancelled(ticket.job_id, reason="cancelled by the user before it started")
+        log.info("job %s cancelled while waiting", ticket.job_id)
+        ticket.result = GenerationResult(ticket.job_id, "cancelled", [], ticket.seeds, self.jobs.get(ticket.job_id))
+        self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        ticket.done.set()
+        with self._state:
+            self._state.notify_all()
+        self._job_ended(ticket.job_id)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="masuka-runner", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
             with self._state:
-                self._active = active
+                while not self._waiting and not self._closed:
+                    self._state.wait()
+                if not self._waiting:
+                    return
+                ticket = self._waiting.popleft()
+                self._running = ticket
+                self._state.notify_all()
             try:
-                return self._run(job_id, request, params, seeds, active, on_step)
+                with self._pipe_lock:
+                    self._run(ticket)
+            except Exception as exc:  # the store failed while recording; the worker must live on
+                log.exception("job %s could not be recorded", ticket.job_id)
+                if ticket.result is None and ticket.failure is None:
+                    ticket.failure = JobFailed(ticket.job_id, friendly_error(exc))
             finally:
                 with self._state:
-                    self._active = None
+                    self._running = None
                 self._release_memory()
-                self._job_ended(job_id)
+                self._finish(ticket)
 
-    def _run(
-        self,
-        job_id: str,
-        request: GenerateRequest,
-        params: dict[str, Any],
-        seeds: list[int],
-        active: _ActiveJob,
-        on_step: StepCallback | None,
-    ) -> GenerationResult:
+    # ---- one job -----------------------------------------------------------
+    def _run(self, ticket: Ticket) -> None:
         import torch
 
+        job_id, request = ticket.job_id, ticket.request
         started = time.perf_counter()
         saved: list[Path] = []
         try:
-            if active.cancel.is_set():
+            if ticket.cancel.is_set():
                 raise JobCancelled()
             self.jobs.mark_running(job_id)
-            self._apply_loras(request.loras)
+            self._lora_state.apply(request.loras)
             pipe = self.loaded.pipe
-            total = request.steps * request.num_images
-            done = 0
 
             def step_end(_pipe, step: int, _t, kwargs):
-                nonlocal done
-                done += 1
-                if on_step is not None:
-                    on_step(done, total)
-                if active.cancel.is_set():
+                ticket.steps_done += 1
+                if ticket.on_step is not None:
+                    ticket.on_step(ticket.steps_done, ticket.steps_total)
+                with self._state:
+                    self._state.notify_all()
+                if ticket.cancel.is_set():
                     raise JobCancelled()
                 return kwargs
 
@@ -244,8 +386,8 @@ class GeneratorManager:
                     max_sequence_length=self.loaded.defaults.max_sequence_length,
                 )
             images = []
-            for index, image_seed in enumerate(seeds):
-                if active.cancel.is_set():
+            for image_seed in ticket.seeds:
+                if ticket.cancel.is_set():
                     raise JobCancelled()
                 # One generator per image, so image i of a job is reproduced by seed + i alone.
                 generator = torch.Generator(device="cpu").manual_seed(image_seed)
@@ -262,30 +404,32 @@ class GeneratorManager:
                         callback_on_step_end=step_end,
                     )
                 images.append(out.images[0])
-            for index, (image, image_seed) in enumerate(zip(images, seeds)):
-                meta = image_metadata(params, seed=image_seed, model=self.loaded.spec, job_id=job_id)
+            for index, (image, image_seed) in enumerate(zip(images, ticket.seeds)):
+                meta = image_metadata(ticket.params, seed=image_seed, model=self.loaded.spec, job_id=job_id)
                 saved.append(save_image(image, self.outputs_dir, meta, stem=f"{job_id}-{index}-{image_seed}"))
             outputs = [str(p) for p in saved]
-            self.jobs.mark_completed(job_id, seeds=seeds, outputs=outputs, notes=list(request.notes))
+            self.jobs.mark_completed(job_id, seeds=ticket.seeds, outputs=outputs, notes=list(request.notes))
             log.info("job %s completed in %.2f s", job_id, time.perf_counter() - started)
-            return GenerationResult(job_id, "completed", saved, seeds, self.jobs.get(job_id))
+            ticket.result = GenerationResult(job_id, "completed", saved, ticket.seeds, self.jobs.get(job_id))
         except JobCancelled:
             self._discard(saved)
             self.jobs.mark_cancelled(job_id, reason="cancelled by the user")
             log.info("job %s cancelled", job_id)
-            return GenerationResult(job_id, "cancelled", [], seeds, self.jobs.get(job_id))
+            ticket.result = GenerationResult(job_id, "cancelled", [], ticket.seeds, self.jobs.get(job_id))
         except Exception as exc:  # any failure is recorded, then reported
             self._discard(saved)
             reason = friendly_error(exc)
-            self.jobs.mark_failed(job_id, error=reason, traceback=tb.format_exc())
-            log.warning("job %s failed: %s", job_id, reason)
-            # The traceback's frames hold tensors; drop them before memory is released.
-            del exc
-            gc.collect()
-            raise JobFailed(job_id, reason) from None
+            try:
+                self.jobs.mark_failed(job_id, error=reason, traceback=tb.format_exc())
+            finally:
+                log.warning("job %s failed: %s", job_id, reason)
+                ticket.failure = JobFailed(job_id, reason)
+                # The traceback's frames hold tensors; drop them before memory is released.
+                del exc
+                gc.collect()
 
     def _job_ended(self, job_id: str) -> None:
-        for listener in self.job_listeners:
+        for listener in self._job_listeners:
             try:
                 listener(job_id)
             except Exception:  # a listener must never turn a finished job into an error
@@ -314,162 +458,27 @@ class GeneratorManager:
             torch.cuda.memory_reserved() / 2**20,
         )
 
-    # ---- LoRAs -----------------------------------------------------------
-    @property
-    def lora_strategy(self) -> str:
-        """How the active LoRAs are applied: "fused" (fast path), "adapters" (diffusers/peft) or "none"."""
-        return self._lora_strategy if self._adapters else "none"
-
-    def lora_status(self) -> dict[str, Any]:
-        """What the pipeline holds now (for the UI, benchmarks and tests)."""
-        fused = self._fused
-        return {
-            "strategy": self.lora_strategy,
-            "loras": self.active_loras(),
-            "fused_modules": len(fused.modules) if fused else 0,
-            "restore_entries": fused.fix_entries if fused else 0,
-            "restore_bytes": fused.nbytes() if fused else 0,
-            "fallback_reason": self._fallback_reason,
-            "inexact_restores": self.inexact_restores,
-            "cache_bytes": self.lora_cache.used_bytes,
-        }
-
+    # ---- LoRAs outside a job -------------------------------------------------
     def set_loras(self, loras: str | tuple[LoraChoice, ...]) -> dict[str, Any]:
         """Make the pipeline hold exactly these LoRAs now, outside a job (warm-up, benchmarks);
         the same path a job takes.  ``loras`` is a spec like "a:0.8,b" or LoraChoice tuple."""
-        from masuka.core.requests import parse_lora_spec
-
         choices = parse_lora_spec(loras) if isinstance(loras, str) else tuple(loras)
-        with self._gpu:
-            self._apply_loras(choices)
+        with self._pipe_lock:
+            self._lora_state.apply(choices)
         return self.lora_status()
 
-    def _apply_loras(self, choices: tuple[LoraChoice, ...]) -> None:
-        """Make the pipeline hold exactly the requested LoRAs at the requested scales.
-
-        Fast path: fuse into the weights (exact restore, see masuka.core.fastlora).  LoRAs it
-        cannot express go through diffusers' adapters instead (all of the set, then).
-        A LoRA that does not fit is refused before any weight changes; any failure after
-        that leaves the pipeline with no LoRA at all, never half of a set.
-        """
-        from masuka.core import fastlora
-
-        wanted: dict[str, tuple[ResolvedLora, float]] = {}
-        for choice in choices:
-            lora = self.loras.resolve(choice.name)
-            wanted[adapter_name(lora)] = (lora, choice.scale)
-        # A fixed order: the same set at the same scales always fuses to the same bits.
-        wanted = dict(sorted(wanted.items()))
-        if wanted == self._adapters:
-            return
-        if not wanted:
-            self._clear_loras()
-            return
-        resolution = self._fast_resolution(wanted)  # may refuse; nothing is touched yet
-        self._fallback_reason = resolution.fallback_reason
-        if resolution.fallback_reason is not None:
-            log.info("LoRA fast path not used (%s): diffusers adapters", resolution.fallback_reason)
-            self._apply_adapters(wanted)
-            return
-        self._clear_loras()
-        try:
-            # fuse() restores what it fused so far before an exception leaves it.
-            self._fused = fastlora.fuse(
-                resolution.targets, compute_device=self._fuse_device(), fix_gpu_bytes=self._fix_gpu_budget()
-            )
-        except Exception:
-            log.warning("LoRA fuse failed; the pipeline holds no LoRA")
-            raise
-        self._adapters, self._lora_strategy = dict(wanted), "fused"
-
-    def _fast_resolution(self, wanted: dict[str, tuple[ResolvedLora, float]]):
-        from masuka.core import fastlora
-
-        pin = self._fuse_device() is not None
-
-        def build(state: dict[str, Any]) -> fastlora.FusePlan:
-            try:
-                return fastlora.build_plan(state, pin=pin)
-            except Exception as exc:  # diffusers' adapter path gives the real error, if any
-                log.warning("LoRA fast-path conversion failed (%s: %s)", type(exc).__name__, exc)
-                return fastlora.FusePlan((), f"conversion failed: {type(exc).__name__}")
-
-        plans = [(self.lora_cache.get_plan(lora, build), scale) for lora, scale in wanted.values()]
-        return fastlora.resolve_targets(fastlora.pipeline_components(self.loaded.pipe), plans)
-
-    def _fix_gpu_budget(self) -> int | None:
-        """GPU bytes the exact-restore fixes may hold (the rest waits in CPU RAM)."""
-        import torch
-
-        device = self._fuse_device()
-        if device is None:
-            return None
-        return int(FIX_GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
-
-    def _fuse_device(self):
-        """The GPU when there is one (weights offloaded to the CPU are fused there too)."""
-        device = self.loaded.device
-        return device if getattr(device, "type", str(device)) == "cuda" else None
-
-    def _apply_adapters(self, wanted: dict[str, tuple[ResolvedLora, float]]) -> None:
-        pipe = self.loaded.pipe
-        if self._lora_strategy != "adapters":
-            self._clear_loras()
-        stale = [name for name in self._adapters if name not in wanted]
-        try:
-            if stale:
-                if len(stale) == len(self._adapters):
-                    # Nothing we keep: unload restores the original modules exactly.
-                    pipe.unload_lora_weights()
-                else:
-                    pipe.delete_adapters(stale)
-                for name in stale:
-                    del self._adapters[name]
-            self._lora_strategy = "adapters"
-            for name, (lora, scale) in wanted.items():
-                if name not in self._adapters:
-                    state = self.lora_cache.get(lora)
-                    pipe.load_lora_weights(state, adapter_name=name)
-                    self._adapters[name] = (lora, scale)
-            pipe.set_adapters(list(wanted), [scale for _, scale in wanted.values()])
-            self._adapters = dict(wanted)
-        except Exception:
-            # A half-loaded adapter must never linger: back to no LoRA at all.
-            log.warning("LoRA load failed; unloading every adapter")
-            self._unload_all()
-            raise
-        active = set(pipe.get_active_adapters()) if hasattr(pipe, "get_active_adapters") else set(wanted)
-        if active != set(wanted):
-            self._unload_all()
-            raise RuntimeError(f"adapters {sorted(active)} are active, expected {sorted(wanted)}")
-
-    def _clear_loras(self) -> None:
-        """Back to the original weights: restore what is fused, unload adapters."""
-        from masuka.core import fastlora
-
-        fused, self._fused = self._fused, None
-        try:
-            if fused is not None:
-                try:
-                    fastlora.restore(fused)
-                except fastlora.RestoreNotExact as exc:
-                    # Cannot happen unless the weights were changed behind our back; the
-                    # images stay correct to rounding, so say it loudly and keep serving.
-                    self.inexact_restores += 1
-                    log.error("LoRA restore was not bit-exact: %s", exc)
-            if self._lora_strategy == "adapters" and self._adapters:
-                self.loaded.pipe.unload_lora_weights()
-        finally:
-            self._adapters, self._lora_strategy = {}, "none"
-
-    def _unload_all(self) -> None:
-        try:
-            self.loaded.pipe.unload_lora_weights()
-        finally:
-            self._adapters, self._lora_strategy = {}, "none"
-
-
-IMAGES_HEADROOM = 8  # a random seed leaves room for seed + i of every image
-# Share of the GPU's memory the restore fixes of a fused LoRA may take (about 8 GB on an
-# 80 GB card); a stronger LoRA keeps the rest of its fixes in CPU RAM.
-FIX_GPU_FRACTION = 0.10
+    def delete_lora(self, name: str):
+        """Delete a LoRA from the library unless a waiting or running job uses it; returns its record."""
+        self.loras.get(name)  # scan first if need be, outside the state lock
+        with self._state:  # no job can start using it between the check and the delete
+            users = ([self._running] if self._running is not None else []) + list(self._waiting)
+            for ticket in users:
+                if name in ticket.loras:
+                    state = "running" if ticket is self._running else "waiting"
+                    raise LoraInUse(
+                        f"LoRA {name!r} is used by the {state} job {ticket.job_id}; "
+                        "delete it when that job has ended (or cancel it)"
+                    )
+            record = self.loras.delete(name)
+        self.lora_cache.forget(record.sha256)
+        return record

@@ -36,6 +36,7 @@ from filelock import Timeout as LockTimeout
 
 from masuka.lora.formats import PICKLE_EXTENSIONS
 from masuka.lora.types import LoraInUse, LoraNotUsable, ResolvedLora, validate_name
+from masuka.net.limits import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_RATE_WINDOW_S
 from masuka.store.atomic import atomic_copy, atomic_write_bytes
 from masuka.units import human_bytes
 
@@ -141,6 +142,9 @@ class LoraLibrary:
         fits: FitChecker | None = None,
         allow_private: bool = False,
         lock_dir: Path | None = None,
+        download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+        download_min_rate_kib: float = DEFAULT_DOWNLOAD_MIN_RATE_KIB,
+        download_rate_window_s: float = DEFAULT_RATE_WINDOW_S,
     ):
         self.folder = Path(folder)
         # Locks need a local disk: with the library on a Drive mount they live elsewhere.
@@ -148,6 +152,10 @@ class LoraLibrary:
         self.max_bytes = max_bytes
         self.fits = fits
         self.allow_private = allow_private
+        # URL downloads: overall limit (s) and least average rate (KiB/s over the window); 0 = none.
+        self.download_timeout_s = download_timeout_s
+        self.download_min_rate_kib = download_min_rate_kib
+        self.download_rate_window_s = download_rate_window_s
         self._records: dict[str, LoraRecord] = {}
         self._mutex = threading.RLock()  # one thread of this process in the registry at a time
         # One instance: filelock is re-entrant per instance, and two instances on
@@ -573,7 +581,8 @@ class LoraLibrary:
                     result = downloads.download_url(
                         src.url, staging, filename=staged.name, max_bytes=self.max_bytes,
                         allow_private=self.allow_private, verify=verify, progress=progress,
-                        lock_dir=self._download_lock_dir(),
+                        lock_dir=self._download_lock_dir(), max_seconds=self.download_timeout_s or None,
+                        min_rate=self.download_min_rate_kib * 1024 or None, rate_window_s=self.download_rate_window_s,
                     )
                     default = name_from_filename(result.suggested_filename)
                     words: list[str] = []

@@ -252,7 +252,9 @@ def check_url(url: str, *, allow_private: bool) -> ResolvedURL:
     for address in addresses:
         reason = blocked_reason(address, allow_private=allow_private)
         if reason is not None:
-            hint = "" if allow_private else f" (set {ALLOW_PRIVATE_ENV}=1 to allow private addresses)"
+            # The switch only helps where it would let this address through (never a metadata address).
+            helps = not allow_private and blocked_reason(address, allow_private=True) is None
+            hint = f" (set {ALLOW_PRIVATE_ENV}=1 to allow private addresses)" if helps else ""
             raise URLRefusedError(
                 f"refusing {redact_url(url)!r}: host {host!r} resolves to {address} ({reason}){hint}"
             )

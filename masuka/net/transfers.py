@@ -26,6 +26,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,7 @@ import filelock
 import httpx
 
 from masuka.net import safe as netsafe
+from masuka.net.limits import DEFAULT_RATE_WINDOW_S
 from masuka.store.atomic import atomic_file
 from masuka.units import human_bytes
 
@@ -304,6 +306,65 @@ def _http_error(url: str, response: httpx.Response) -> DownloadError:
     return DownloadError(f"{where} answered HTTP {code} {response.reason_phrase}{hint}", status_code=code)
 
 
+class _Pace:
+    """An overall deadline and a minimum average rate for one transfer, checked as bytes arrive.
+
+    The rate is the bytes received over the last ``window_s`` seconds (at least),
+    first judged once a full window has passed since the body started, so a slow
+    start is forgiven but a trickle (a byte every few seconds, each read within the
+    read timeout) is not. A stall with no byte at all ends at the read timeout.
+    """
+
+    def __init__(
+        self, where: str, *, max_seconds: float | None, min_rate: float | None, window_s: float, started: float
+    ) -> None:
+        self.where = where
+        self.max_seconds = max_seconds
+        self.deadline = None if max_seconds is None else started + max_seconds
+        self.min_rate = min_rate
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def start_body(self) -> None:
+        self.samples = deque([(time.monotonic(), 0)])
+
+    def check(self, received: int) -> None:
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise DownloadError(
+                f"download of {self.where} took longer than {self.max_seconds:g} s; aborted "
+                "(the limit is set with --download-timeout / MASUKA_DOWNLOAD_TIMEOUT)"
+            )
+        if self.min_rate is None or not self.samples:
+            return
+        samples = self.samples
+        if now - samples[-1][0] >= self.window_s / 30:  # a few dozen samples per window, whatever the chunk rate
+            samples.append((now, received))
+        while len(samples) > 1 and now - samples[1][0] >= self.window_s:
+            samples.popleft()  # keep the newest sample that is at least a window old
+        then, received_then = samples[0]
+        span = now - then
+        if span < self.window_s:
+            return
+        rate = (received - received_then) / span
+        if rate < self.min_rate:
+            kib = rate / 1024
+            shown = f"{kib:.2f}" if kib < 10 else f"{kib:.0f}"
+            raise DownloadError(
+                f"download too slow: {shown} KiB/s over the last {span:.3g} s; the minimum is "
+                f"{self.min_rate / 1024:g} KiB/s ({self.where}; the minimum is set with --download-min-rate / "
+                "MASUKA_DOWNLOAD_MIN_RATE)"
+            )
+
+
+def _validate_pace(max_seconds: float | None, min_rate: float | None, window_s: float) -> None:
+    for name, value, unit in (("max_seconds", max_seconds, "seconds"), ("min_rate", min_rate, "bytes per second")):
+        if value is not None and (isinstance(value, bool) or not 0 < value < float("inf")):
+            raise ValueError(f"{name} must be a positive number of {unit} or None (no limit), got {value!r}")
+    if isinstance(window_s, bool) or not 0 < window_s < float("inf"):
+        raise ValueError(f"rate_window_s must be a positive number of seconds, got {window_s!r}")
+
+
 # --------------------------------------------------------------------------- URL downloads
 
 
@@ -321,6 +382,8 @@ def download_url(
     lock_timeout: float | None = None,
     max_seconds: float | None = None,
     lock_dir: Path | None = None,
+    min_rate: float | None = None,
+    rate_window_s: float = DEFAULT_RATE_WINDOW_S,
 ) -> DownloadResult:
     """Download ``url`` to ``dest_dir / filename`` exactly once, atomically.
 
@@ -335,10 +398,14 @@ def download_url(
     and verify refusals; :class:`DownloadTooLargeError` over the cap;
     :class:`DownloadError` for transfer failures. ``timeout``: see
     :func:`netsafe.make_timeout`; ``lock_timeout``: seconds to wait for another
-    download of the same file (None = wait); ``max_seconds``: overall time limit.
+    download of the same file (None = wait); ``max_seconds``: overall time limit;
+    ``min_rate``: the least bytes per second, averaged over ``rate_window_s`` and
+    first checked one window after the body starts (None = no minimum). Both raise
+    :class:`DownloadError` saying the limit, and leave nothing behind.
     """
     validate_filename(filename)
     _validate_max_bytes(max_bytes)
+    _validate_pace(max_seconds, min_rate, rate_window_s)
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / filename
@@ -348,7 +415,8 @@ def download_url(
         if existing is not None:
             logger.info("%s already present; not downloading %s again", final, where)
             return existing
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        pace = _Pace(where, max_seconds=max_seconds, min_rate=min_rate, window_s=rate_window_s,
+                     started=time.monotonic())
         send_headers = request_headers(url, headers)
         logger.info("downloading %s -> %s", where, final)
         try:
@@ -370,14 +438,14 @@ def download_url(
                     raise _too_large(f"{where} (Content-Length {expected})", None, max_bytes)
                 if progress is not None:
                     progress(0, expected)
+                pace.start_body()
                 for chunk in response.iter_bytes():
                     if install.size + len(chunk) > max_bytes:
                         raise _too_large(where, None, max_bytes)
                     install.write(chunk)
                     if progress is not None:
                         progress(install.size, expected)
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise DownloadError(f"download of {where} took longer than {max_seconds} s; aborted")
+                    pace.check(install.size)
                 if expected is not None and install.size != expected:
                     raise DownloadError(
                         f"transfer of {where} was cut: got {install.size} of {expected} bytes"

@@ -22,6 +22,17 @@ from PIL import Image, PngImagePlugin
 from masuka import __version__
 from masuka.store.atomic import atomic_file
 from masuka.store.jobs import FINAL_STATUSES, JobNotFound, JobStore
+from masuka.store.imagefiles import (  # noqa: F401 - MAX_METADATA_* and check_image_file are re-exported
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    PNG_SIGNATURE,
+    check_image_file,
+    not_readable,
+    parse_metadata_json,
+    read_png_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +139,38 @@ def _older_than(file: Path, now: float, seconds: float) -> bool:
         return False
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Parameters stored by `save_image`; ValueError when the image has none."""
-    try:
-        with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not an image MASUKA can read: {exc}") from exc
-    raw = text.get(META_KEY)
-    if raw is None:
+def read_metadata(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
+) -> dict[str, Any]:
+    """Parameters stored by `save_image`; ValueError when the image has none or breaks a limit.
+
+    Never decodes pixels: the PNG's chunks are walked by hand (image data is seeked
+    over), so a decompression bomb costs nothing. Refused, with the limit named:
+    files over `max_bytes`, images over `max_pixels` pixels, a settings chunk over
+    MAX_METADATA_BYTES (compressed ones are inflated only that far) or nesting deeper
+    than MAX_METADATA_DEPTH. The values are returned as stored; check them with
+    `masuka.core.requests.settings_from_metadata` before use.
+    """
+    what = "the MASUKA settings in this image"
+    text = None
+    if _is_png(path):
+        text = read_png_text(path, META_KEY, max_pixels=max_pixels, max_bytes=max_bytes, what=what)
+    else:
+        check_image_file(path, max_pixels=max_pixels, max_bytes=max_bytes)  # a JPEG/WebP: no settings
+    if text is None:
         raise ValueError("this image has no MASUKA settings in it (only PNG files saved by MASUKA carry them)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the MASUKA settings in this image are damaged: {exc}") from exc
+    meta = parse_metadata_json(text, what=what)
     if not isinstance(meta, dict) or "prompt" not in meta:
         raise ValueError("the MASUKA settings in this image are incomplete")
     return meta
+
+
+def _is_png(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError as exc:
+        raise not_readable(path, exc.strerror or str(exc)) from exc

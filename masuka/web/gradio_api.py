@@ -1,7 +1,7 @@
 """The client API: typed `gr.api` endpoints, kept apart from the page's events.
 
-Every endpoint is a thin edge over the manager and the stores: validation is
-all the manager's; here `ValueError` and `JobFailed` become `gr.Error`.
+Every endpoint is a thin edge over the Studio's public methods: validation is
+all the Studio's; here `ValueError` and `JobFailed` become `gr.Error`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
+from masuka.core.runner import JobFailed
 from masuka.net.transfers import DownloadError
-from masuka.core.runner import GeneratorManager, JobFailed
 from masuka.store.jobs import JobNotFound
+from masuka.studio import Caller, Studio, public_record
 
 log = logging.getLogger(__name__)
 
-GPU_GROUP = "gpu"  # generation and LoRA loading share the one GPU
 # Adding a LoRA is a download plus a check on the CPU (the fit check reads a
 # shape-only copy of the transformer); it never touches the pipeline, which loads
 # LoRAs inside a job.  So it has its own small group: a long download never holds
@@ -28,34 +28,20 @@ LORA_ADD_GROUP = "lora-add"
 LORA_ADD_LIMIT = 2
 
 
-def user_of(request: gr.Request | None) -> str | None:
-    return getattr(request, "username", None) if request is not None else None
+def caller_of(request: gr.Request | None) -> Caller:
+    """Who is calling, from Gradio's request: the login, the client address, the session."""
+    if request is None:
+        return Caller()
+    client = getattr(request, "client", None)
+    return Caller(
+        user=getattr(request, "username", None) or None,
+        address=getattr(client, "host", None) if client is not None else None,
+        session=getattr(request, "session_hash", None) or None,
+    )
 
 
-def public_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A job record for clients: never a key named "path" (gradio_client would download it)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {("file" if k == "path" else k): clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return clean(record)
-
-
-def history_columns() -> list[str]:
-    return ["job_id", "created_at", "status", "prompt", "lora", "seed", "steps", "duration_s", "error"]
-
-
-def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
-    """Define the API endpoints inside the current `gr.Blocks` context.
-
-    `rate_limiter` (a `masuka.core.ratelimit.RateLimiter`) defaults to the manager's
-    (`build_studio` sets it from `--rate-limit`)."""
-    if rate_limiter is None:
-        rate_limiter = getattr(manager, "rate_limiter", None)
+def register_api(studio: Studio) -> None:
+    """Define the API endpoints inside the current `gr.Blocks` context."""
 
     def generate(
         prompt: str,
@@ -71,7 +57,7 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
     ) -> tuple[list[FileData], dict]:
         """Generate images. `lora` is a LoRA name or "name1:0.8,name2:0.5"; None means the model default."""
         try:
-            req = manager.validate(
+            req = studio.validate(
                 prompt=prompt,
                 lora=lora,
                 lora_scale=lora_scale,
@@ -82,12 +68,11 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
                 height=height,
                 num_images=num_images,
             )
-            if rate_limiter is not None:
-                rate_limiter.check(request)
+            ticket = studio.submit(req, caller_of(request))
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         try:
-            result = manager.generate(req, user=user_of(request), session=_session(request))
+            result = studio.outcome(ticket)
         except JobFailed as exc:
             raise gr.Error(f"job {exc.job_id} failed: {exc.reason}") from None
         images = [FileData(path=str(p), orig_name=p.name, mime_type="image/png") for p in result.images]
@@ -95,8 +80,7 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
 
     def loras() -> list[dict]:
         """The LoRA library: name, size, sha256, source, format, trigger words, state."""
-        manager.loras.scan()
-        return [r.public() for r in manager.loras.list()]
+        return studio.loras()
 
     def history(limit: int = 50, status: str = "", search: str = "") -> list[dict]:
         """Newest jobs first: job_id, created_at, status, prompt, lora, seed, steps, duration_s, error."""
@@ -106,55 +90,51 @@ def register_api(manager: GeneratorManager, *, rate_limiter=None) -> None:
             raise gr.Error(f"limit must be a whole number from 1 to 1000, got {limit!r}") from None
         if not 1 <= limit <= 1000:
             raise gr.Error(f"limit must be from 1 to 1000, got {limit}")
-        df = manager.jobs.dataframe(limit=limit, status=status or None, search=search or None)
-        return df.to_dict(orient="records")
+        try:
+            return studio.history(limit, status or None, search or None)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
 
     def job(job_id: str) -> dict:
         """The full record of one job: parameters, seeds, outputs, error and traceback."""
         try:
-            return public_record(manager.jobs.get(str(job_id)))
-        except (JobNotFound, ValueError):  # ValueError: an empty id
+            return studio.job(str(job_id))
+        except JobNotFound:
             raise gr.Error(f"no job with id {job_id!r}") from None
 
     def cancel(job_id: str, request: gr.Request = None) -> dict:
-        """Cancel a running job. Returns {"job_id", "cancelled": bool, "status"}."""
+        """Cancel a waiting or running job. Returns {"job_id", "cancelled": bool, "status"}."""
         try:
-            record = manager.jobs.get(str(job_id))
-        except (JobNotFound, ValueError):  # ValueError: an empty id
+            return studio.cancel(str(job_id), caller_of(request))
+        except JobNotFound:
             raise gr.Error(f"no job with id {job_id!r}") from None
-        user = user_of(request)
-        if user and record.get("user") and record["user"] != user:
-            raise gr.Error(f"job {job_id} belongs to another user")
-        cancelled = manager.cancel(str(job_id))
-        status = manager.jobs.get(str(job_id))["status"]
-        return {"job_id": job_id, "cancelled": cancelled, "status": status}
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
 
     def add_lora(source: str = "", name: str = "", file: FileData | None = None) -> dict:
         """Add a LoRA: `source` is an http(s) link to a .safetensors file, a Hub repo `owner/repo`
         (its single .safetensors) or `owner/repo/path/file.safetensors`; or upload `file`
         (gradio_client.handle_file). `name` is optional (letters, digits, '.', '_', '-').
         Returns the LoRA record: name, sha256, size_bytes, source, format, trigger_words, state."""
-        return add_lora_to_library(manager, source, name, file).public()
+        return add_lora_to_library(studio, source, name, file).public()
 
     def delete_lora(name: str) -> dict:
-        """Delete a LoRA from the library (refused while a running job uses it). Returns its record."""
+        """Delete a LoRA from the library (refused while a waiting or running job uses it). Returns its record."""
         try:
-            record = manager.delete_lora(str(name).strip())
+            record = studio.delete_lora(str(name).strip())
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         return {**record.public(), "deleted": True}
 
-    gr.api(generate, api_name="generate", concurrency_id=GPU_GROUP, concurrency_limit=1)
+    # Generation waits in the runner's one queue (shared with the page and REST), not in
+    # a Gradio concurrency group: every call is accepted or refused there.
+    gr.api(generate, api_name="generate", concurrency_limit=None)
     gr.api(add_lora, api_name="add_lora", concurrency_id=LORA_ADD_GROUP, concurrency_limit=LORA_ADD_LIMIT)
     gr.api(delete_lora, api_name="delete_lora", concurrency_limit=None)
     # Reads and cancel are not queued: they answer at once, even while the queue is full.
     # (Only queued endpoints could skip the queue; api_open=False closes that for generation.)
     for fn in (loras, history, job, cancel):
         gr.api(fn, api_name=fn.__name__, queue=False)
-
-
-def _session(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def uploaded_file(file: Any) -> tuple[Path, str | None] | None:
@@ -180,7 +160,7 @@ def uploaded_file(file: Any) -> tuple[Path, str | None] | None:
     return path, orig if isinstance(orig, str) and orig else None
 
 
-def add_lora_to_library(manager: GeneratorManager, source: str, name: str, file: Any, progress=None):
+def add_lora_to_library(studio: Studio, source: str, name: str, file: Any, progress=None):
     """The one edge for adding a LoRA (API and page): library errors become gr.Error."""
     source = (source or "").strip() if isinstance(source, str) else ""
     name = (name or "").strip() if isinstance(name, str) else ""
@@ -189,13 +169,13 @@ def add_lora_to_library(manager: GeneratorManager, source: str, name: str, file:
         if upload is not None and source:
             raise ValueError("give either a source or a file to upload, not both")
         if upload is not None:
-            return manager.loras.add_file(upload[0], name, source="upload", original_name=upload[1])
+            return studio.add_lora_file(upload[0], name, original_name=upload[1])
         if not source:
             raise ValueError(
                 "nothing to add: give a source (an http(s) link, owner/repo or "
                 "owner/repo/path/file.safetensors) or upload a .safetensors file"
             )
-        return manager.loras.add_source(source, name, progress=progress)
+        return studio.add_lora_source(source, name, progress=progress)
     except (ValueError, DownloadError) as exc:
         raise gr.Error(str(exc)) from None
     except OSError as exc:

@@ -1,10 +1,10 @@
-"""The studio page: wiring only.  Built from the generator manager it is given.
+"""The studio page: wiring only.  Built from the Studio it is given, using its public methods.
 
-Concurrency: only the generation event shares `GPU_GROUP` (limit 1), so a
-second person's job waits in Gradio's queue with its position shown.  Every
-other event (validation, history, job detail, info, form filling) runs outside
-that group with no limit, so the page answers while a job runs.  Cancel is not
-queued at all (`queue=False`): it must work even when the queue is full.
+Concurrency: generation waits in the runner's one FIFO queue (shared with the API
+and REST), and the page shows the place in it that the runner reports.  Every
+other event (validation, history, job detail, info, form filling) runs with no
+limit, so the page answers while a job runs.  Cancel is not queued at all
+(`queue=False`): it must work even when the queue is full.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from masuka.web.gradio_api import GPU_GROUP, register_api, user_of
-from masuka.core.runner import GeneratorManager, GenerationResult, JobFailed
-from masuka.store.jobs import FINAL_STATUSES, JOB_STATUSES, JobNotFound
+from masuka.core.runner import GenerationResult, JobFailed
+from masuka.store.jobs import JOB_STATUSES, JobNotFound
+from masuka.studio import Studio
+from masuka.web.gradio_api import caller_of, register_api
 from masuka.store.outputs import read_metadata
 from masuka.core.requests import (
     GUIDANCE_MAX,
@@ -56,6 +57,7 @@ ALL_STATUSES = "all"
 HISTORY_ROWS = 200
 CANCEL_WAIT_S = 30.0  # a step ends within this even on a slow GPU
 INFO_EVERY_S = 5.0
+PROGRESS_EVERY_S = 0.5  # the longest a waiting page goes without a progress update
 HISTORY_HEADERS = {
     "job_id": "Job",
     "created_at": "Created",
@@ -114,7 +116,7 @@ def settings_from_image(meta: dict[str, Any], defaults: ModelDefaults) -> FormSe
 
 
 def lora_spec(slots: Sequence[tuple[str | None, float | None]]) -> str:
-    """LoRA slots -> the "name:scale,..." spec `manager.validate` reads; empty slots are skipped."""
+    """LoRA slots -> the "name:scale,..." spec `Studio.validate` reads; empty slots are skipped."""
     parts = []
     for name, scale in slots:
         if name:
@@ -176,19 +178,19 @@ def memory_in_use(device: Any) -> MemoryInUse:
     return MemoryInUse("RAM", int(psutil.Process().memory_info().rss), int(psutil.virtual_memory().total))
 
 
-def info_markdown(manager: GeneratorManager) -> str:
-    loaded = manager.loaded
-    mem = memory_in_use(loaded.device)
+def info_markdown(studio: Studio) -> str:
+    loaded = studio.model_info()
+    mem = memory_in_use(studio.device)
     what = "GPU memory" if mem.kind == "GPU" else "RAM (this process)"
     parts = [
         f"**{loaded.spec}**",
         f"{loaded.device}",
-        str(loaded.dtype).replace("torch.", ""),
+        loaded.dtype,
         f"{what} {mem.used / 2**30:.2f} / {mem.total / 2**30:.1f} GiB",
     ]
     if loaded.memory_profile != "full":
         parts.append(f"memory profile {loaded.memory_profile}")
-    parts.append("generating" if manager.running_job_id() else "idle")  # not the job id: that is the owner's
+    parts.append("generating" if studio.running_job_id() else "idle")  # not the job id: that is the owner's
     return " · ".join(parts)
 
 
@@ -256,24 +258,24 @@ class Form:
         return self.inputs() + [self.aspect]
 
 
-def _lora_choices(manager: GeneratorManager, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
-    names = list(manager.loras.usable_names())
+def _lora_choices(studio: Studio, extra: Sequence[str] = (), *, rescan: bool = False) -> list[tuple[str, str]]:
+    names = studio.lora_names(rescan=rescan)
     names += [n for n in extra if n and n not in names]  # a reused LoRA that is gone: the job says so
     return [("None", NO_LORA)] + [(n, n) for n in names]
 
 
-def _fill(manager: GeneratorManager, form_settings: FormSettings, presets: dict[str, tuple[int, int]]) -> list[Any]:
+def _fill(studio: Studio, form_settings: FormSettings, presets: dict[str, tuple[int, int]]) -> list[Any]:
     fs = form_settings
     slots = fs.loras[:MAX_LORAS] + [(NO_LORA, 1.0)] * (MAX_LORAS - len(fs.loras))
-    choices = _lora_choices(manager, [n for n, _ in slots])
+    choices = _lora_choices(studio, [n for n, _ in slots])
     values: list[Any] = [fs.prompt, fs.seed, fs.steps, fs.guidance, fs.width, fs.height, fs.num_images]
     for name, scale in slots:
         values += [gr.update(choices=choices, value=name), scale]
     return values + [aspect_of(fs.width, fs.height, presets)]
 
 
-def _build_form(manager: GeneratorManager, presets: dict[str, tuple[int, int]]) -> tuple[Form, dict[str, Any]]:
-    defaults = manager.loaded.defaults
+def _build_form(studio: Studio, presets: dict[str, tuple[int, int]]) -> tuple[Form, dict[str, Any]]:
+    defaults = studio.model_info().defaults
     buttons: dict[str, Any] = {}
     prompt = gr.Textbox(
         label="Prompt",
@@ -311,7 +313,7 @@ def _build_form(manager: GeneratorManager, presets: dict[str, tuple[int, int]]) 
         with gr.Column(scale=1, min_width=110):
             buttons["dice"] = gr.Button("⚄ Random", size="sm", elem_id="seed-random")
             buttons["last_seed"] = gr.Button("↺ Last seed", size="sm", elem_id="seed-last")
-    choices = _lora_choices(manager)
+    choices = _lora_choices(studio)
     loras: list[tuple[gr.Dropdown, gr.Slider]] = []
 
     def slot(i: int) -> None:
@@ -343,14 +345,14 @@ def _build_form(manager: GeneratorManager, presets: dict[str, tuple[int, int]]) 
     return form, buttons
 
 
-def _lora_tab(manager: GeneratorManager) -> gr.Button:
+def _lora_tab(studio: Studio) -> gr.Button:
     """The LoRA library; returns its refresh button (create_demo also refreshes the LoRA choices on it)."""
     from gradio.data_classes import FileData
 
     from masuka.web.gradio_api import LORA_ADD_GROUP, LORA_ADD_LIMIT, add_lora_to_library
 
     gr.Markdown(
-        f"LoRA files (`.safetensors`) in `{manager.loras.folder}` are checked before they are listed as usable. "
+        f"LoRA files (`.safetensors`) in `{studio.lora_folder}` are checked before they are listed as usable. "
         "Copied a file in by hand? Press Refresh."
     )
     with gr.Accordion("Add a LoRA", open=True, elem_id="lora-add-panel"):
@@ -379,12 +381,12 @@ def _lora_tab(manager: GeneratorManager) -> gr.Button:
         add = gr.Button("Add LoRA", variant="primary", elem_id="lora-add")
         added = gr.Markdown(elem_id="lora-add-result")
     table = gr.Dataframe(
-        manager.loras.table(), interactive=False, elem_id="lora-table", label="Library", max_height=420, wrap=True
+        studio.lora_table(), interactive=False, elem_id="lora-table", label="Library", max_height=420, wrap=True
     )
     with gr.Row():
         refresh = gr.Button("↻ Refresh", size="sm", elem_id="lora-table-refresh")
         to_delete = gr.Dropdown(
-            label="LoRA to delete", choices=[r.name for r in manager.loras.list()], value=None,
+            label="LoRA to delete", choices=studio.lora_names(usable_only=False), value=None,
             scale=2, elem_id="lora-delete-name",
         )
         delete = gr.Button("Delete", variant="stop", size="sm", elem_id="lora-delete")
@@ -397,7 +399,7 @@ def _lora_tab(manager: GeneratorManager) -> gr.Button:
                 progress((done // 2**20, None), unit="MiB", desc="downloading")
 
         file = FileData(path=up, orig_name=Path(up).name) if up else None
-        rec = add_lora_to_library(manager, src, nm, file, progress=report)
+        rec = add_lora_to_library(studio, src, nm, file, progress=report)
         line = f"Added **{rec.name}** ({rec.format}, {rec.size_bytes / 2**20:.2f} MiB, sha256 `{rec.sha256[:12]}`)."
         if rec.trigger_words:
             line += " Trigger words: " + ", ".join(f"`{w}`" for w in rec.trigger_words) + "."
@@ -409,15 +411,14 @@ def _lora_tab(manager: GeneratorManager) -> gr.Button:
         if not nm:
             raise gr.Error("Pick the LoRA to delete first.")
         try:
-            rec = manager.delete_lora(nm)
+            rec = studio.delete_lora(nm)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         return f"Deleted **{rec.name}**."
 
     def on_refresh():
-        manager.loras.scan()
-        names = [r.name for r in manager.loras.list()]
-        return manager.loras.table(), gr.update(choices=names, value=None)
+        table = studio.lora_table(rescan=True)
+        return table, gr.update(choices=studio.lora_names(usable_only=False), value=None)
 
     # The refresh button also updates the Generate form's LoRA choices (wired in create_demo).
     click_refresh = "() => document.querySelector('#lora-table-refresh').click()"
@@ -433,8 +434,9 @@ def _lora_tab(manager: GeneratorManager) -> gr.Button:
     return refresh
 
 
-def create_demo(manager: GeneratorManager) -> gr.Blocks:
-    defaults = manager.loaded.defaults
+def create_demo(studio: Studio) -> gr.Blocks:
+    model = studio.model_info()
+    defaults = model.defaults
     presets = aspect_presets(defaults)
     errors: dict[str, str] = {}  # session -> status line of its last failed click (read by .failure)
     errors_lock = threading.Lock()
@@ -450,7 +452,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         return gr.update() if line is None else line
 
     def history_frame(status_value: str | None, text: str | None):
-        frame = manager.jobs.dataframe(
+        frame = studio.history_frame(
             limit=HISTORY_ROWS,
             status=None if status_value in (None, "", ALL_STATUSES) else status_value,
             search=(text or "").strip() or None,
@@ -460,10 +462,10 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
     with gr.Blocks(title="MASUKA") as demo:
         with gr.Row(equal_height=True, elem_id="header"):
             gr.Markdown("## MASUKA", elem_id="title")
-            info = gr.Markdown(info_markdown(manager), elem_id="info")
-        if manager.loaded.is_demo:
+            info = gr.Markdown(info_markdown(studio), elem_id="info")
+        if model.is_demo:
             gr.Markdown(
-                f"⚠ **Demo model** — {manager.loaded.description}. Start with "
+                f"⚠ **Demo model** — {model.description}. Start with "
                 "`--model black-forest-labs/FLUX.1-schnell` for real pictures.",
                 elem_id="demo-banner",
             )
@@ -477,7 +479,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row():
                     with gr.Column(scale=5, min_width=360):
-                        form, b = _build_form(manager, presets)
+                        form, b = _build_form(studio, presets)
                     with gr.Column(scale=7, min_width=360):
                         gallery = gr.Gallery(
                             label="Images",
@@ -549,14 +551,14 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
                     )
 
             with gr.Tab("LoRAs", id="loras", elem_id="tab-loras"):
-                lora_refresh = _lora_tab(manager)
+                lora_refresh = _lora_tab(studio)
 
         timer = gr.Timer(INFO_EVERY_S)
 
         # ---- handlers ------------------------------------------------------
         def validate(prompt, seed, steps, guidance, width, height, num_images, *slots):
             pairs = list(zip(slots[0::2], slots[1::2]))
-            return manager.validate(
+            return studio.validate(
                 prompt=prompt,
                 lora=lora_spec(pairs),
                 lora_scale=1.0,
@@ -577,19 +579,22 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
 
         def on_generate(request: gr.Request, progress=gr.Progress(), *values):
             try:
-                req = validate(*values)
-                if getattr(manager, "rate_limiter", None) is not None:
-                    manager.rate_limiter.check(request)  # RateLimited is a ValueError
-            except ValueError as exc:
+                ticket = studio.submit(validate(*values), caller_of(request))
+            except ValueError as exc:  # a bad value, the rate limit or a full queue
                 raise fail(request, f"⚠ Not started: {exc}", str(exc), "Check the settings") from None
-            progress(0, desc="starting")
+            # Progress comes from the runner: the place in its one queue, then the steps.
+            while not studio.wait(ticket.job_id, 0):
+                place = studio.position(ticket.job_id)
+                steps = studio.progress(ticket.job_id)
+                if place:
+                    progress(0, desc=f"waiting in the queue: {place} of {studio.queue_length()}")
+                elif steps is not None and steps[0] > 0:
+                    progress(steps, unit="steps", desc="denoising")
+                else:
+                    progress(0, desc="starting")
+                studio.wait_for_change(PROGRESS_EVERY_S)
             try:
-                result = manager.generate(
-                    req,
-                    user=user_of(request),
-                    session=request.session_hash,
-                    on_step=lambda done, total: progress((done, total), unit="steps", desc="denoising"),
-                )
+                result = studio.outcome(ticket)
             except JobFailed as exc:
                 raise fail(
                     request, failure_line(exc.job_id, exc.reason), f"Job {exc.job_id} failed: {exc.reason}", "Job failed"
@@ -599,14 +604,11 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             return shown, result_line(result), pairs, result.seeds, None, ""
 
         def on_cancel(request: gr.Request) -> str:
-            job_id = manager.cancel_session(request.session_hash)
+            job_id = studio.cancel_session(request.session_hash)
             if job_id is None:
-                return "Nothing of yours is running; a job of yours still waiting in the queue was dropped."
-            deadline = time.monotonic() + CANCEL_WAIT_S
-            record = manager.jobs.get(job_id)
-            while record["status"] not in FINAL_STATUSES and time.monotonic() < deadline:
-                time.sleep(0.1)
-                record = manager.jobs.get(job_id)
+                return "Nothing of yours is running or waiting."
+            studio.wait(job_id, CANCEL_WAIT_S)  # the runner's event: the job has left the queue
+            record = studio.job(job_id)
             if record["status"] == "cancelled":
                 return f"■ Job `{job_id}` cancelled — no images kept."
             return f"Job `{job_id}` is stopping (status: {record['status']})."
@@ -638,7 +640,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             except ValueError as exc:
                 gr.Warning(str(exc), title="No MASUKA settings")
                 return [gr.update()] * len(form.fill_targets()) + [gr.update(), f"⚠ {exc}"]
-            values = _fill(manager, settings_from_image(meta, defaults), presets)
+            values = _fill(studio, settings_from_image(meta, defaults), presets)
             job = meta.get("job_id", "?")
             line = f"Settings loaded from {where} (job `{job}`, seed {meta.get('seed')})."
             return values + [gr.Tabs(selected="generate"), line]
@@ -658,7 +660,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             if not job_id:
                 return gr.update(visible=False), "", [], hidden, hidden, None, None
             try:
-                record = manager.jobs.get(job_id)
+                record = studio.job(job_id)
             except JobNotFound:
                 return gr.update(visible=True), f"No job `{job_id}` (deleted?)", [], hidden, hidden, None, None
             pairs = job_images(record)
@@ -678,7 +680,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         def on_pick_history(job_id, evt: gr.SelectData):
             if not job_id:
                 return None
-            pairs = job_images(manager.jobs.get(job_id))
+            pairs = job_images(studio.job(job_id))
             return pairs[evt.index][0] if evt.index is not None and 0 <= evt.index < len(pairs) else None
 
         def on_reuse_job(job_id, picked_path):
@@ -687,8 +689,8 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             if not job_id:
                 gr.Info("Click a job in the table first.")
                 return [gr.update()] * (len(form.fill_targets()) + 2)
-            record = manager.jobs.get(job_id)
-            values = _fill(manager, settings_from_record(record, defaults), presets)
+            record = studio.job(job_id)
+            values = _fill(studio, settings_from_record(record, defaults), presets)
             return values + [gr.Tabs(selected="generate"), f"Settings loaded from job `{job_id}`."]
 
         def on_aspect(name: str | None):
@@ -697,8 +699,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             return presets[name]
 
         def lora_choice_updates() -> list[Any]:
-            manager.loras.scan()
-            choices = _lora_choices(manager)
+            choices = _lora_choices(studio, rescan=True)
             return [gr.update(choices=choices) for _ in form.loras]
 
         # ---- wiring --------------------------------------------------------
@@ -708,15 +709,14 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
             on_generate,
             inputs,
             [gallery, status, shown_images, last_seeds, picked, picked_seed],
-            concurrency_id=GPU_GROUP,
-            concurrency_limit=1,
+            concurrency_limit=None,  # the runner's queue orders jobs, for every way in
             show_progress_on=[gallery],
             api_visibility="private",
         )
         check.failure(show_failure, None, status, **FREE)
         gen.failure(show_failure, None, status, **FREE)
         gen.then(history_frame, [status_filter, search], table, **FREE).then(
-            lambda: info_markdown(manager), None, info, **FREE
+            lambda: info_markdown(studio), None, info, **FREE
         )
         # queue=False: works even with a full queue; cancels= drops this session's job still waiting.
         b["cancel"].click(on_cancel, None, status, cancels=[gen], **UNQUEUED).then(
@@ -746,7 +746,7 @@ def create_demo(manager: GeneratorManager) -> gr.Blocks:
         detail_gallery.select(on_pick_history, selected_job, picked_history, **FREE)
         reuse_job.click(on_reuse_job, [selected_job, picked_history], fill_outputs, **FREE)
 
-        timer.tick(lambda: info_markdown(manager), None, info, show_progress="hidden", **UNQUEUED)
-        demo.load(lambda: info_markdown(manager), None, info, **UNQUEUED)
-        register_api(manager)
+        timer.tick(lambda: info_markdown(studio), None, info, show_progress="hidden", **UNQUEUED)
+        demo.load(lambda: info_markdown(studio), None, info, **UNQUEUED)
+        register_api(studio)
     return demo

@@ -1,13 +1,14 @@
-"""Putting the pieces together and launching: the only place that wires state owners."""
+"""Launching the web app: the share policy, the served folders, and Gradio's launch."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from masuka.settings import Settings
+from masuka.studio import Studio, build_studio
+from masuka.web.page import create_demo
 
 log = logging.getLogger(__name__)
 
@@ -50,63 +51,6 @@ def check_served_folder(settings: Settings) -> None:
             )
 
 
-@dataclass
-class Studio:
-    settings: Settings
-    manager: Any  # GeneratorManager
-    backup: Any = None  # backup.DbBackup when --db-backup is set
-
-
-def build_studio(settings: Settings, *, loaded=None) -> Studio:
-    """Create the home folder, stores and the manager, and load the model (slow)."""
-    from masuka.core.runner import GeneratorManager
-    from masuka.store.jobs import JobStore
-    from masuka.lora.cache import LoraStateCache
-    from masuka.lora.library import LoraLibrary
-    from masuka.model.loading import load_pipeline
-    from masuka.core.ratelimit import limiter_for
-
-    paths = settings.paths
-    paths.create()
-    if paths.db_backup is not None:
-        from masuka.store.jobs import restore_backup
-
-        restore_backup(paths.db, paths.db_backup)
-    jobs = JobStore(paths.db)
-    interrupted = jobs.recover_interrupted()
-    if interrupted:
-        log.warning("marked %d job(s) interrupted (their process ended): %s", len(interrupted), interrupted)
-    if loaded is None:
-        loaded = load_pipeline(settings)
-    from masuka.lora.library import fit_checker
-
-    library = LoraLibrary(
-        paths.loras,
-        max_bytes=settings.lora_max_bytes,
-        fits=fit_checker(loaded.pipe.transformer),
-        allow_private=settings.allow_private_urls,
-        lock_dir=paths.lora_locks,
-    )
-    library.scan()
-    manager = GeneratorManager(
-        loaded,
-        jobs,
-        library,
-        paths.outputs,
-        lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
-    )
-    manager.settings = settings
-    manager.rate_limiter = limiter_for(settings.rate_limit_per_minute)
-    backup = None
-    if paths.db_backup is not None:
-        from masuka.store.backup import DbBackup
-
-        backup = DbBackup(jobs, paths.db_backup)
-        manager.job_listeners.append(backup.request)
-        backup.request()  # the interrupted marks above belong in the backup too
-    return Studio(settings, manager, backup)
-
-
 def launch(settings: Settings, *, block: bool = True, studio: Studio | None = None, **launch_kwargs):
     """Launch the app; returns (demo, local_url, share_url)."""
     for key in ("share", "auth", "allowed_paths", "blocked_paths"):
@@ -116,10 +60,10 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
     check_served_folder(settings)
     if studio is None:
         studio = build_studio(settings)
-    from masuka.web.page import create_demo
-
-    demo = create_demo(studio.manager)
-    demo.queue(api_open=False, max_size=settings.queue_size, default_concurrency_limit=1)
+    demo = create_demo(studio)
+    # The runner owns the one queue of generation jobs (and its cap, for every way in);
+    # Gradio's queue only carries events, none of which waits on another.
+    demo.queue(api_open=False, max_size=None, default_concurrency_limit=None)
     kwargs: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,
