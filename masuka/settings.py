@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from masuka.model.tiny import TINY_MODEL_ID
-from masuka.net.limits import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S
-
+TINY_MODEL_ID = "masuka/tiny-flux"  # the built-in demo model (masuka/model/tiny.py builds it)
 DEFAULT_HOME = Path("~/.masuka")
 DEFAULT_PORT = 7860
 DEFAULT_LORA_MAX_BYTES = 2 * 1024**3
+# How slow a download may be before it is given up.  A LoRA is at most 2 GiB by default;
+# 30 minutes lets that through at 1.2 MiB/s, far below what Colab gets from the Hub or
+# Civitai.  50 KiB/s averaged over 30 s is far below any working link, and far above a
+# server that sends a byte every few seconds to hold a download slot.
+DEFAULT_DOWNLOAD_TIMEOUT_S = 30 * 60.0  # overall, per download; 0 = no limit
+DEFAULT_DOWNLOAD_MIN_RATE_KIB = 50.0  # KiB/s averaged over the window; 0 = no minimum
+DEFAULT_RATE_WINDOW_S = 30.0  # the rate is first checked after one full window
 MEMORY_PROFILES = ("auto", "full", "offload", "lowvram", "quantized")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 

@@ -19,8 +19,7 @@ from masuka.model.loading import (
     load_pipeline,
     resolve_model_spec,
 )
-from masuka.model.tiny import TINY_MODEL_ID
-from masuka.settings import parse_settings
+from masuka.settings import TINY_MODEL_ID, parse_settings
 from masuka.model.defaults import SCHNELL_DEFAULTS, TINY_DEFAULTS
 
 

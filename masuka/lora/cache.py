@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
+from masuka.lora.formats import load_lora_state_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,6 @@ class LoraStateCache:
 
     def get(self, lora) -> dict[str, Any]:
         """A fresh dict (diffusers pops keys from what it is given) of the LoRA's tensors."""
-        from masuka.lora.formats import load_lora_state_dict
-
         key = ("raw", lora.sha256)
         item = self._lookup(key)
         if item is not None:
@@ -51,8 +51,6 @@ class LoraStateCache:
     def get_plan(self, lora, build: Callable[[dict[str, Any]], Any]) -> Any:
         """The LoRA's converted fast-path plan (``build(state_dict)``, which has ``nbytes``);
         cached instead of the raw dict, so a LoRA used before needs no read nor conversion."""
-        from masuka.lora.formats import load_lora_state_dict
-
         key = ("plan", lora.sha256)
         plan = self._lookup(key)
         if plan is not None:

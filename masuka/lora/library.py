@@ -36,7 +36,7 @@ from filelock import Timeout as LockTimeout
 
 from masuka.lora.formats import PICKLE_EXTENSIONS
 from masuka.lora.types import LoraInUse, LoraNotUsable, ResolvedLora, validate_name
-from masuka.net.limits import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_RATE_WINDOW_S
+from masuka.settings import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_RATE_WINDOW_S
 from masuka.store.atomic import atomic_copy, atomic_write_bytes
 from masuka.units import human_bytes
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from masuka.model.tiny import TINY_MODEL_ID
-from masuka.settings import Settings, resolve_device_dtype
+from masuka.settings import TINY_MODEL_ID, Settings, resolve_device_dtype
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
+from masuka.model import memory
+from masuka.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def resolve_model_spec(spec: str, models_dir: Path, base_model: str = "") -> Mod
     """What ``--model`` names; raises ValueError saying what is wrong and what would work."""
     spec = (spec or "").strip()
     if spec == TINY_MODEL_ID:
-        from masuka.model.tiny import ensure_tiny_model
-
         return ModelSource(KIND_TINY, str(ensure_tiny_model(models_dir)), is_demo=True)
     if spec.lower().endswith(SINGLE_FILE_SUFFIXES):
         return _single_file_source(spec, models_dir, base_model)
@@ -193,8 +192,6 @@ def check_access(source: ModelSource, token: str | None) -> None:
 
 def estimate_sizes(source: ModelSource):
     """Bytes of each part as it will be loaded, without reading any weight."""
-    from masuka.model import memory
-
     if source.kind in (KIND_TINY, KIND_FOLDER):
         return memory.folder_sizes(Path(source.location))
     if source.kind == KIND_HUB:
@@ -211,8 +208,6 @@ def estimate_sizes(source: ModelSource):
 
 def plan_profile(requested: str, source: ModelSource, device: Any):
     """The memory profile to load with (auto decided here, before loading), with why."""
-    from masuka.model import memory
-
     if requested != "auto":
         return memory.ProfileChoice(requested, "asked for")
     mem = memory.detect_memory(device)
@@ -237,8 +232,6 @@ def _hub_error(exc: Exception, source: ModelSource) -> ValueError | None:
 
 def _read_pipeline(source: ModelSource, dtype: Any, token: str | None, profile: str, device: Any):
     from diffusers import FluxPipeline
-
-    from masuka.model import memory
 
     on_cuda = getattr(device, "type", str(device)) == "cuda"
     kwargs: dict[str, Any] = {"dtype": dtype, "token": token}
@@ -266,8 +259,6 @@ def _read_pipeline(source: ModelSource, dtype: Any, token: str | None, profile: 
 def _read_single_file(source: ModelSource, dtype: Any, token: str | None, profile: str):
     from diffusers import FluxTransformer2DModel
 
-    from masuka.model import memory
-
     kwargs: dict[str, Any] = {
         "config": source.base.location,
         "subfolder": "transformer",
@@ -293,8 +284,6 @@ def _read_single_file(source: ModelSource, dtype: Any, token: str | None, profil
 def load_pipeline(settings: Settings) -> LoadedModel:
     import torch
 
-    from masuka.model.memory import apply_memory_profile
-
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
     source = resolve_model_spec(settings.model, settings.paths.models, settings.base_model)
@@ -316,7 +305,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         if isinstance(module, torch.nn.Module):
             module.eval()
     pipe.set_progress_bar_config(disable=True)
-    profile, reason = apply_memory_profile(pipe, choice.profile, device, reason=choice.reason)
+    profile, reason = memory.apply_memory_profile(pipe, choice.profile, device, reason=choice.reason)
     loaded = LoadedModel(
         pipe=pipe,
         spec=settings.model,

@@ -31,9 +31,10 @@ from typing import Any
 
 from filelock import FileLock
 
+from masuka.settings import TINY_MODEL_ID
+
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_ID = "masuka/tiny-flux"
 TINY_MODEL_VERSION = "1"
 
 MARKER_FILE = "masuka_tiny.json"

@@ -36,7 +36,7 @@ import filelock
 import httpx
 
 from masuka.net import safe as netsafe
-from masuka.net.limits import DEFAULT_RATE_WINDOW_S
+from masuka.settings import DEFAULT_RATE_WINDOW_S
 from masuka.store.atomic import atomic_file
 from masuka.units import human_bytes
 
