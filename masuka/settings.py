@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-
-TINY_MODEL = "masuka/tiny-flux"
+TINY_MODEL_ID = "masuka/tiny-flux"  # the built-in demo model (masuka/model/tiny.py builds it)
 DEFAULT_HOME = Path("~/.masuka")
 DEFAULT_PORT = 7860
 DEFAULT_LORA_MAX_BYTES = 2 * 1024**3
@@ -72,7 +71,7 @@ class Paths:
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = TINY_MODEL
+    model: str = TINY_MODEL_ID
     base_model: str = ""  # single-file transformers: where the other components come from ("" = guess)
     home: Path = DEFAULT_HOME
     host: str = "127.0.0.1"
@@ -129,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help=f"'{TINY_MODEL}' (built-in demo model with random weights, no download), a Hub id "
+        help=f"'{TINY_MODEL_ID}' (built-in demo model with random weights, no download), a Hub id "
         "such as black-forest-labs/FLUX.1-schnell, a local diffusers folder with model_index.json, "
         "or a single-file transformer (.safetensors/.gguf). Env: MASUKA_MODEL. Default: "
-        f"{TINY_MODEL}",
+        f"{TINY_MODEL_ID}",
     )
     p.add_argument(
         "--base-model",
@@ -251,7 +250,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         share = on_colab(env)
     lora_mb = _pick(args.lora_max_mb, env, "MASUKA_LORA_MAX_MB", DEFAULT_LORA_MAX_BYTES // 1024**2, int)
     settings = Settings(
-        model=_pick(args.model, env, "MASUKA_MODEL", TINY_MODEL),
+        model=_pick(args.model, env, "MASUKA_MODEL", TINY_MODEL_ID),
         base_model=_pick(args.base_model, env, "MASUKA_BASE_MODEL", ""),
         home=Path(_pick(args.home, env, "MASUKA_HOME", str(DEFAULT_HOME))).expanduser().resolve(),
         host=_pick(args.host, env, "GRADIO_SERVER_NAME", "127.0.0.1"),

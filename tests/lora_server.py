@@ -67,8 +67,8 @@ class LoraServer:
                         self.wfile.flush()
                         with server.lock:
                             server.bytes_sent[path] += len(body[i : i + route.chunk])
-                        if route.delay:
-                            time.sleep(route.delay)
+                        if route.delay and i + route.chunk < len(body):  # none after the last chunk:
+                            time.sleep(route.delay)  # the client may be done before "completed" counts
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 if not cut:

@@ -337,13 +337,6 @@ def test_bad_pace_arguments_are_refused_before_any_transfer(server, tmp_path, kw
     assert server.started["/file"] == 0
 
 
-def test_probe_filename_reads_headers_only(server, tmp_path):
-    assert downloads.probe_filename(server.url("/redirect"), allow_private=True) == "Cool Style v2.safetensors"
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        downloads.probe_filename(server.url("/missing"), allow_private=True)
-    with pytest.raises(ValueError, match="loopback"):
-        downloads.probe_filename(server.url("/file"), allow_private=False)
-
 # --------------------------------------------------------------------------- processes
 
 

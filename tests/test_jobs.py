@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -18,21 +19,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # allow plain `pytest` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
+from conftest import walk_keys  # noqa: E402
 from masuka.store.jobs import (  # noqa: E402
     FINAL_STATUSES,
+    HISTORY_COLUMNS,
     JOB_STATUSES,
     JobNotFound,
     JobStore,
     ProcessOwner,
+    public_record,
 )
-
-DF_COLUMNS = ["job_id", "created_at", "status", "prompt", "lora", "seed", "steps", "duration_s", "error"]
 
 RECORD_KEYS = {
     "job_id", "status", "user", "session", "created_at", "started_at", "finished_at",
     "duration_s", "prompt", "model", "width", "height", "steps", "guidance", "num_images",
-    "seed", "seeds", "loras", "params", "outputs", "error", "traceback", "notes", "owner",
+    "seed", "requested_seed", "seeds", "loras", "params", "outputs", "error", "traceback", "notes", "owner",
 }
+ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00")
 
 PARAMS = {
     "prompt": "A Red Fox in the snow",
@@ -65,14 +68,8 @@ def dead_owner() -> ProcessOwner:
     return ProcessOwner(pid=me.pid, host=me.host, started_at=me.started_at - 1000.0)
 
 
-def walk_keys(value):
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from walk_keys(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from walk_keys(item)
+def seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 # ---------------------------------------------------------------- round trip
@@ -87,13 +84,16 @@ def test_create_get_list_round_trip(store: JobStore, db: Path):
     expected = {
         "job_id": job_id, "status": "running", "user": "alice", "session": "s1",
         "prompt": "A Red Fox in the snow", "model": "masuka/tiny-flux", "width": 512,
-        "height": 384, "steps": 4, "guidance": 3.5, "num_images": 2, "seed": -1,
+        "height": 384, "steps": 4, "guidance": 3.5, "num_images": 2,
+        "seed": None, "requested_seed": -1,  # random: no seed until it is drawn, never -1
         "seeds": [], "loras": LORAS, "params": PARAMS, "outputs": [], "notes": [],
         "error": None, "traceback": None, "finished_at": None, "duration_s": None,
     }
     for key, value in expected.items():
         assert job[key] == value, key
-    assert job["started_at"] is not None and job["created_at"] <= job["started_at"]
+    assert ISO_UTC.fullmatch(job["created_at"]) and ISO_UTC.fullmatch(job["started_at"])
+    assert job["created_at"] <= job["started_at"]
+    assert abs(seconds(job["created_at"]) - datetime.now(timezone.utc).timestamp()) < 60
     me = ProcessOwner.current()
     assert job["owner"] == {"pid": me.pid, "host": me.host, "started_at": me.started_at}
 
@@ -101,10 +101,11 @@ def test_create_get_list_round_trip(store: JobStore, db: Path):
     job = store.get(job_id)
     assert job["status"] == "completed"
     assert job["seeds"] == [11, 12]
+    assert (job["seed"], job["requested_seed"]) == (11, -1)  # the seed actually used
     assert job["outputs"] == ["/o/a.png", "/o/b.png"]
     assert job["notes"] == ["ok"]
-    assert job["finished_at"] >= job["started_at"]
-    assert job["duration_s"] == pytest.approx(job["finished_at"] - job["started_at"])
+    assert ISO_UTC.fullmatch(job["finished_at"]) and job["finished_at"] >= job["started_at"]
+    assert job["duration_s"] == pytest.approx(seconds(job["finished_at"]) - seconds(job["started_at"]), abs=1e-5)
 
     assert [j["job_id"] for j in store.list()] == [job_id]
     assert store.list()[0] == job
@@ -141,9 +142,9 @@ def test_get_missing_raises_job_not_found(store: JobStore):
         {"params": {"prompt": "p"}, "loras": [], "status": "completed"},
         {"params": {"prompt": "p"}, "loras": [], "status": "bogus"},
         {"params": "not a dict", "loras": []},
-        {"params": {"prompt": "p"}, "loras": [{"scale": 1.0}]},
-        {"params": {"prompt": "p"}, "loras": [{"name": "x", "scale": "big"}]},
+        {"params": {"prompt": "p"}, "loras": "style:0.8"},
         {"params": {"prompt": object()}, "loras": []},
+        {"params": {"prompt": "p"}, "loras": [{"name": "x", "scale": float("nan")}]},
     ],
 )
 def test_create_rejects_bad_input(store: JobStore, kwargs):
@@ -152,12 +153,16 @@ def test_create_rejects_bad_input(store: JobStore, kwargs):
     assert store.list() == []
 
 
-def test_set_seeds(store: JobStore):
+def test_random_seed_job_records_the_seed_it_drew(store: JobStore):
     job_id = store.create(params={"prompt": "p", "seed": -1}, loras=[])
     store.set_seeds(job_id, [7, 8])
+    job = store.get(job_id)
+    assert (job["seed"], job["requested_seed"], job["seeds"]) == (7, -1, [7, 8])
+    assert [(row["seed"], row["requested_seed"]) for row in store.history()] == [(7, -1)]
+    for bad in (["x"], [1.5], "7"):
+        with pytest.raises(ValueError):
+            store.set_seeds(job_id, bad)
     assert store.get(job_id)["seeds"] == [7, 8]
-    with pytest.raises(ValueError):
-        store.set_seeds(job_id, ["x"])
 
 
 def test_list_filters_and_limit(store: JobStore):
@@ -185,7 +190,6 @@ def test_list_filters_and_limit(store: JobStore):
     assert names(store.list(status="cancelled")) == ["b"]
     assert names(store.list(status="running", search="fox")) == ["c"]
     assert names(store.list(user="alice")) == ["c", "a"]
-    assert names(store.running_jobs()) == ["d", "c", "a"]
 
     for bad in ({"status": "done"}, {"limit": 0}, {"limit": "5"}):
         with pytest.raises(ValueError):
@@ -347,33 +351,51 @@ def test_history_survives_reopening(db: Path):
 # ---------------------------------------------------------------- dataframe
 
 
-def test_dataframe_columns_order_and_filters(store: JobStore):
+def test_history_rows_and_dataframe(store: JobStore):
     first = store.create(params=PARAMS, loras=LORAS)
+    store.set_seeds(first, [42, 43])
     store.mark_completed(first, seeds=[42, 43], outputs=["a.png"])
     second = store.create(params={"prompt": "a cat", "steps": 8, "seed": 5}, loras=[])
     store.mark_failed(second, error="CUDA out of memory", traceback="tb")
     third = store.create(params={"prompt": "Another FOX", "seed": -1}, loras=[], status="queued")
 
+    rows = store.history()
+    assert [list(row) for row in rows] == [list(HISTORY_COLUMNS)] * 3
+    assert [row["job_id"] for row in rows] == [third, second, first]
+    done = rows[2]
+    assert done["lora"] == "style:0.8, detail:1"
+    assert (done["seed"], done["requested_seed"]) == (42, -1)
+    assert (done["steps"], done["status"], done["error"]) == (4, "completed", "")
+    assert ISO_UTC.fullmatch(done["created_at"]) and done["created_at"] == store.get(first)["created_at"]
+    assert done["duration_s"] == round(done["duration_s"], 2)
+    assert rows[1]["error"] == "CUDA out of memory"
+    assert (rows[1]["seed"], rows[1]["requested_seed"]) == (None, 5)  # never drew its seeds
+    assert (rows[0]["lora"], rows[0]["seed"], rows[0]["requested_seed"]) == ("", None, -1)
+
     df = store.dataframe()
-    assert list(df.columns) == DF_COLUMNS
+    assert list(df.columns) == list(HISTORY_COLUMNS)
     assert list(df["job_id"]) == [third, second, first]
-    row = df.iloc[2]
-    assert row["lora"] == "style:0.8, detail:1"
-    assert row["seed"] == 42
-    assert row["steps"] == 4
-    assert row["status"] == "completed"
-    assert row["error"] == ""
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", row["created_at"])
-    assert row["duration_s"] == round(row["duration_s"], 2)
-    assert df.iloc[1]["error"] == "CUDA out of memory"
-    assert df.iloc[1]["seed"] == 5  # never ran seeds: requested seed
-    assert df.iloc[0]["lora"] == "" and df.iloc[0]["seed"] is pd_na()
+    assert df.iloc[2]["seed"] == 42 and df.iloc[0]["seed"] is pd_na() and df.iloc[0]["requested_seed"] == -1
+    assert df.iloc[2]["created_at"] == done["created_at"]
 
     assert list(store.dataframe(status="failed")["job_id"]) == [second]
     assert list(store.dataframe(search="fox")["job_id"]) == [third, first]
     assert list(store.dataframe(limit=1)["job_id"]) == [third]
     empty = store.dataframe(status="interrupted")
-    assert list(empty.columns) == DF_COLUMNS and len(empty) == 0
+    assert list(empty.columns) == list(HISTORY_COLUMNS) and len(empty) == 0
+
+
+def test_history_rows_cut_long_texts_but_the_record_keeps_them(store: JobStore):
+    prompt = "a fox " * 200_000  # 1.2 MB
+    job_id = store.create(params={"prompt": prompt}, loras=[])
+    store.mark_failed(job_id, error="x" * 5000, traceback="tb")
+    row = store.history()[0]
+    assert len(row["prompt"]) == 300 and row["prompt"].endswith("\u2026") and prompt.startswith(row["prompt"][:-1])
+    assert len(row["error"]) == 300 and row["error"].endswith("\u2026")
+    assert store.dataframe().iloc[0]["prompt"] == row["prompt"]
+    assert store.get(job_id)["prompt"] == prompt and len(store.get(job_id)["error"]) == 5000
+    short = store.create(params={"prompt": "p" * 300}, loras=[])
+    assert store.history()[0]["job_id"] == short and store.history()[0]["prompt"] == "p" * 300
 
 
 def pd_na():
@@ -389,16 +411,30 @@ def test_no_path_key_anywhere(store: JobStore):
     params = dict(PARAMS, path="/tmp/x", init_image={"path": "/tmp/in.png", "size": 3},
                   extras=[{"path": "a"}, {"nested": {"path": "b"}}])
     loras = [{"name": "style", "scale": 0.5, "path": "/loras/style.safetensors"}]
-    job_id = store.create(params=params, loras=loras)
+    job_id = store.create(params=params, loras=loras, session="s1")
     store.mark_completed(job_id, seeds=[1], outputs=[Path("/out/1.png")], notes=["n"])
-    records = [store.get(job_id), *store.list(), *store.running_jobs()]
+    records = [store.get(job_id), *store.list(), *store.history(), public_record(store.get(job_id))]
     for record in records:
         assert "path" not in set(walk_keys(record))
     job = records[0]
-    assert job["params"]["file_path"] == "/tmp/x"
-    assert job["params"]["init_image"] == {"file_path": "/tmp/in.png", "size": 3}
-    assert job["loras"] == [{"name": "style", "scale": 0.5}]
+    assert job["params"]["file"] == "/tmp/x"
+    assert job["params"]["init_image"] == {"file": "/tmp/in.png", "size": 3}
+    assert job["params"]["extras"] == [{"file": "a"}, {"nested": {"file": "b"}}]
+    assert job["loras"] == [{"name": "style", "scale": 0.5, "file": "/loras/style.safetensors"}]
     assert job["outputs"] == ["/out/1.png"]
+
+
+def test_public_record_hides_the_session_and_the_owner(store: JobStore):
+    job_id = store.create(params={"prompt": "p", "seed": 3}, loras=[], user="alice", session="gradio-session-hash")
+    store.set_seeds(job_id, [3])
+    full = store.get(job_id)
+    assert full["session"] == "gradio-session-hash" and full["owner"]["pid"] == os.getpid()  # for the studio
+    public = public_record(full)
+    assert set(public) == RECORD_KEYS - {"session", "owner"}
+    assert "gradio-session-hash" not in repr(public) and str(os.getpid()) not in repr(public)
+    assert (public["user"], public["seed"], public["requested_seed"]) == ("alice", 3, 3)
+    assert full["session"] == "gradio-session-hash"  # the caller's record is not changed
+    assert public_record({"job_id": "x", "path": "/a", "session": "s", "owner": {}}) == {"job_id": "x", "file": "/a"}
 
 
 # ------------------------------------------------------------ process owners

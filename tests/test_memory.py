@@ -34,6 +34,19 @@ NF4_REPO = hub_sizes("diffusers/FLUX.1-dev-bnb-4bit")
 GGUF_Q4 = single_file_sizes(int(6.8 * GB), gguf=True)
 TINY = ModelSizes(200_000, 100_000, 300_000)
 
+def placement(pipe) -> dict[str, str]:
+    """Where each component's weights are and whether offload hooks drive it."""
+    out: dict[str, str] = {}
+    for name in memory.COMPONENTS:
+        module = getattr(pipe, name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        devices = sorted({p.device.type for p in module.parameters()})
+        hooked = hasattr(module, "_hf_hook") or any(hasattr(m, "_hf_hook") for m in module.modules())
+        out[name] = ",".join(devices) + (" +hooks" if hooked else "")
+    return out
+
+
 CASES = [
     # (what, sizes, gpu, ram, bitsandbytes installed, expected profile, words the reason must hold)
     ("cpu only", FLUX_SIZES, 0, HIGH_RAM, False, "full", "no CUDA GPU"),
@@ -105,7 +118,7 @@ def test_cuda_profiles_are_refused_on_cpu_with_what_to_use(tiny_pipe, profile):
 def test_auto_and_full_on_cpu(tiny_pipe):
     assert apply_memory_profile(tiny_pipe, "auto", torch.device("cpu"))[0] == "full"
     assert apply_memory_profile(tiny_pipe, "full", torch.device("cpu")) == ("full", "asked for")
-    assert memory.placement(tiny_pipe) == {n: "cpu" for n in memory.COMPONENTS}
+    assert placement(tiny_pipe) == {n: "cpu" for n in memory.COMPONENTS}
     with pytest.raises(ValueError, match="unknown memory profile 'turbo'"):
         apply_memory_profile(tiny_pipe, "turbo", torch.device("cpu"))
 
@@ -139,12 +152,12 @@ def test_lora_leaves_the_pipeline_where_its_profile_put_it(settings, profile):
     """diffusers issue 10914: with offload, load_lora_weights once moved the pipeline to the CPU."""
     manager = _studio_with_lora(settings, profile)
     try:
-        before = memory.placement(manager.pipe)
+        before = placement(manager.pipe)
         plain = manager.generate(manager.validate(prompt="a red boat", seed=3))
         styled = manager.generate(manager.validate(prompt="a red boat", seed=3, lora="style"))
-        assert memory.placement(manager.pipe) == before
+        assert placement(manager.pipe) == before
         back = manager.generate(manager.validate(prompt="a red boat", seed=3))
-        assert memory.placement(manager.pipe) == before
+        assert placement(manager.pipe) == before
         assert plain.status == styled.status == back.status == "completed"
         if profile == "full":
             assert all(v == "cuda" for v in before.values())
@@ -159,8 +172,8 @@ def test_lora_leaves_the_pipeline_where_its_profile_put_it(settings, profile):
 def test_quantized_profile_runs_a_lora(settings):
     manager = _studio_with_lora(settings, "quantized")
     try:
-        before = memory.placement(manager.pipe)
+        before = placement(manager.pipe)
         job = manager.generate(manager.validate(prompt="a red boat", seed=3, lora="style"))
-        assert job.status == "completed" and memory.placement(manager.pipe) == before
+        assert job.status == "completed" and placement(manager.pipe) == before
     finally:
         manager.jobs.close()

@@ -17,10 +17,9 @@ from masuka.model.loading import (
     KIND_TINY,
     check_access,
     load_pipeline,
-    model_summary,
     resolve_model_spec,
 )
-from masuka.settings import TINY_MODEL, parse_settings
+from masuka.settings import TINY_MODEL_ID, parse_settings
 from masuka.model.defaults import SCHNELL_DEFAULTS, TINY_DEFAULTS
 
 
@@ -50,7 +49,7 @@ def fake_hub(monkeypatch, tiny_model_dir):
 
 
 def test_tiny_and_local_folder(home, tiny_model_dir):
-    tiny = resolve_model_spec(TINY_MODEL, home / "models")
+    tiny = resolve_model_spec(TINY_MODEL_ID, home / "models")
     assert (tiny.kind, tiny.is_demo) == (KIND_TINY, True)
     assert (Path(tiny.location) / "model_index.json").is_file()
     folder = resolve_model_spec(str(tiny_model_dir), home / "models")
@@ -131,8 +130,7 @@ def test_load_hub_id_passes_id_dtype_and_token(settings, monkeypatch, fake_hub):
     assert source == FLUX_SCHNELL and kwargs["token"] == "hf_test"
     assert "device_map" not in kwargs and "quantization_config" not in kwargs
     assert loaded.defaults == SCHNELL_DEFAULTS and not loaded.is_demo
-    summary = model_summary(loaded)
-    assert summary["memory_profile"] == "full" and "CPU" in summary["memory_reason"]
+    assert loaded.memory_profile == "full" and "CPU" in loaded.memory_reason
 
 
 def test_refused_token_becomes_a_clear_error(settings, monkeypatch, no_token):
@@ -159,7 +157,7 @@ def test_single_file_transformer_loads_with_base_components(settings, tiny_model
     import torch
 
     file = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
-    loaded = load_pipeline(replace(settings, model=str(file), base_model=TINY_MODEL))
+    loaded = load_pipeline(replace(settings, model=str(file), base_model=TINY_MODEL_ID))
     assert loaded.defaults == TINY_DEFAULTS and loaded.is_demo
     assert str(file) in loaded.source
     from diffusers import FluxTransformer2DModel
@@ -175,7 +173,7 @@ def test_gguf_without_gguf_package_says_how_to_install(settings, tmp_path, monke
     monkeypatch.setattr(memory, "gguf_available", lambda: False)
     (tmp_path / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="requirements-gpu.txt"):
-        load_pipeline(replace(settings, model=str(tmp_path / "flux1-dev-Q4_K_S.gguf"), base_model=TINY_MODEL))
+        load_pipeline(replace(settings, model=str(tmp_path / "flux1-dev-Q4_K_S.gguf"), base_model=TINY_MODEL_ID))
 
 
 def test_base_model_setting(tmp_path):

@@ -295,14 +295,6 @@ def test_unresolvable_host_refused(fake_dns):
         check_url("http://nowhere.example/", allow_private=False)
 
 
-def test_allow_private_from_env():
-    assert netsafe.allow_private_from_env({"MASUKA_ALLOW_PRIVATE_URLS": "1"}) is True
-    assert netsafe.allow_private_from_env({"MASUKA_ALLOW_PRIVATE_URLS": "true"}) is True
-    assert netsafe.allow_private_from_env({"MASUKA_ALLOW_PRIVATE_URLS": "0"}) is False
-    assert netsafe.allow_private_from_env({"MASUKA_ALLOW_PRIVATE_URLS": ""}) is False
-    assert netsafe.allow_private_from_env({}) is False
-
-
 def test_redact_url_hides_credentials():
     red = netsafe.redact_url("https://user:pw@civitai.com/api/download/models/1?token=SECRET&type=Model&X-Amz-Signature=S")
     assert "SECRET" not in red and "pw" not in red and "=S" not in red

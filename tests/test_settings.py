@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from masuka.settings import TINY_MODEL, parse_auth, parse_settings
+from masuka.settings import parse_auth, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults(tmp_path):
     s = parse_settings([], env={"HOME": str(tmp_path)})
-    assert s.model == TINY_MODEL
+    assert s.model == "masuka/tiny-flux"  # the built-in demo model: no download
     assert (s.host, s.port, s.share, s.auth) == ("127.0.0.1", 7860, False, None)
 
 
@@ -32,6 +32,12 @@ def test_env_and_flags(tmp_path):
     assert (s.host, s.port, s.share, s.auth) == ("0.0.0.0", 9000, True, ("ann", "secret"))
     s = parse_settings(["--port", "9100", "--no-share", "--home", str(tmp_path / "x")], env=env)
     assert (s.port, s.share, s.home) == (9100, False, (tmp_path / "x").resolve())
+
+
+@pytest.mark.parametrize("value,allowed", [("1", True), ("true", True), ("on", True), ("0", False), ("", False)])
+def test_private_urls_allowed_only_when_asked(value, allowed):
+    assert parse_settings([], env={"MASUKA_ALLOW_PRIVATE_URLS": value}).allow_private_urls is allowed
+    assert parse_settings([], env={}).allow_private_urls is False
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,9 @@ def built_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(built_dir):
-    pipeline = tiny.build_tiny_pipeline(built_dir)
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(str(built_dir))  # like any real model
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -45,13 +45,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from masuka.lora.formats import normalize_lora_keys
+from masuka.lora.formats import LYCORIS_MARKERS, normalize_lora_keys
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "text_encoder")
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
-_LYCORIS_MARKERS = (".lokr_", ".hada_", ".oft_", ".boft_", "lokr_w1", "hada_w1")
 
 
 class LoraDoesNotFit(ValueError):
@@ -106,7 +105,7 @@ def build_plan(state_dict: Mapping[str, Any], *, pin: bool = False) -> FusePlan:
     from diffusers import FluxPipeline
 
     raw = normalize_lora_keys(state_dict)
-    marker = next((k for k in raw if any(m in k for m in _LYCORIS_MARKERS)), None)
+    marker = next((k for k in raw if any(m in k for m in LYCORIS_MARKERS)), None)
     if marker is not None:
         return _fallback(f"LyCORIS key {marker}")
     converted, alphas = FluxPipeline.lora_state_dict(dict(raw), return_alphas=True)

@@ -94,7 +94,7 @@ FORMAT_XLABS = "xlabs"  # double_blocks.N.processor.qkv_lora1.down.weight
 FORMAT_FAL_KONTEXT = "fal-kontext"  # base_model.model.double_blocks.N.img_attn.qkv.lora_A.weight
 
 # Keys that mark an adapter diffusers cannot load into FLUX.1 (LyCORIS LoKr/LoHa/...).
-_LYCORIS_MARKERS = (".lokr_", ".hada_", ".oft_", ".boft_", "lokr_w1", "hada_w1")
+LYCORIS_MARKERS = (".lokr_", ".hada_", ".oft_", ".boft_", "lokr_w1", "hada_w1")
 
 _SD_UNET_BLOCK = re.compile(
     r"(?:^|[._])(?:down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]"
@@ -335,7 +335,7 @@ def detect_format(keys: Iterable[str]) -> str:
 
     _refuse_non_flux(keys_list)
 
-    lycoris = [k for k in keys_list if any(m in k for m in _LYCORIS_MARKERS)]
+    lycoris = [k for k in keys_list if any(m in k for m in LYCORIS_MARKERS)]
     if lycoris:
         raise LoraRefused(
             "LyCORIS LoKr/LoHa adapters are not supported for FLUX.1 by diffusers "

@@ -24,10 +24,9 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,8 +34,11 @@ from typing import Any, Callable, Iterable
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
+from masuka.lora.formats import PICKLE_EXTENSIONS
 from masuka.lora.types import LoraInUse, LoraNotUsable, ResolvedLora, validate_name
 from masuka.settings import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_RATE_WINDOW_S
+from masuka.store.atomic import atomic_copy, atomic_write_bytes
+from masuka.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ REGISTRY = ".registry.json"
 REGISTRY_LOCK = ".registry.lock"
 INCOMING = ".incoming"
 LORA_SUFFIX = ".safetensors"
-# Listed (as refused) so a user sees why a dropped pickle is not offered; never opened as one.
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+# Pickles are listed (as refused) so a user sees why a dropped one is not offered; never opened.
+LISTED_SUFFIXES = (LORA_SUFFIX, *sorted(PICKLE_EXTENSIONS))
 STALE_SECONDS = 3600  # leftovers of a killed process older than this are removed on scan
 GENERIC_STEMS = {"pytorch_lora_weights", "lora", "adapter_model", "model", "diffusion_pytorch_model"}
 
@@ -89,7 +91,7 @@ def name_from_filename(filename: str | None) -> str | None:
     if not filename:
         return None
     stem = Path(filename.replace("\\", "/")).name
-    for suffix in (LORA_SUFFIX,) + PICKLE_SUFFIXES:
+    for suffix in LISTED_SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
@@ -99,23 +101,6 @@ def name_from_filename(filename: str | None) -> str | None:
         return validate_name(stem)
     except ValueError:
         return None
-
-
-def _human(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fit_checker(transformer: Any) -> FitChecker:
@@ -202,23 +187,13 @@ class LoraLibrary:
 
     def _write_registry(self, records: dict[str, LoraRecord]) -> None:
         data = {name: asdict(rec) for name, rec in sorted(records.items())}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".registry.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / REGISTRY)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.folder)
+        atomic_write_bytes(self.folder / REGISTRY, json.dumps(data, indent=1).encode("utf-8"))
 
     # ---- judging files ---------------------------------------------------
     def _library_files(self) -> list[Path]:
         out = []
         for file in sorted(self.folder.iterdir()):
-            if file.name.startswith(".") or file.suffix.lower() not in (LORA_SUFFIX,) + PICKLE_SUFFIXES:
+            if file.name.startswith(".") or file.suffix.lower() not in LISTED_SUFFIXES:
                 continue
             if file.is_file():
                 out.append(file)
@@ -275,7 +250,7 @@ class LoraLibrary:
 
     def _too_big(self, size: int) -> str:
         return (
-            f"file is {_human(size)}, larger than the LoRA size cap of {_human(self.max_bytes)} "
+            f"file is {human_bytes(size)}, larger than the LoRA size cap of {human_bytes(self.max_bytes)} "
             "(MASUKA_LORA_MAX_MB / --lora-max-mb)"
         )
 
@@ -543,17 +518,16 @@ class LoraLibrary:
             from masuka.lora.formats import LoraRefused
 
             raise LoraRefused(self._too_big(size))
-        fd, tmp = tempfile.mkstemp(dir=self._staging(), prefix=".upload.", suffix=".incomplete")
+        staged = self._staging() / f"upload-{uuid.uuid4().hex}{LORA_SUFFIX}"
+        verdicts = []
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            info = self._verify(Path(tmp))  # the copy is judged, not the original that may still change
+            # The copy is judged, not the original that may still change.
+            atomic_copy(src, staged, suffix=".incomplete", check=lambda tmp: verdicts.append(self._verify(tmp)))
+            info = verdicts[-1]
             default = name_from_filename(original_name or src.name) or f"lora-{info.sha256[:8]}"
-            return self._install(Path(tmp), info, name or default, source=source, trigger_words=trigger_words)
+            return self._install(staged, info, name or default, source=source, trigger_words=trigger_words)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
 
     def add_source(
         self,

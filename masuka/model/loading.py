@@ -15,7 +15,6 @@ decides how the weights are read.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from masuka.settings import TINY_MODEL, Settings, resolve_device_dtype
+from masuka.settings import TINY_MODEL_ID, Settings, resolve_device_dtype
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
 from masuka.model import memory
 from masuka.model.tiny import ensure_tiny_model
@@ -93,7 +92,7 @@ class LoadedModel:
 
 
 def defaults_for(spec: str, transformer_config: Any) -> ModelDefaults:
-    if spec == TINY_MODEL:
+    if spec == TINY_MODEL_ID:
         return TINY_DEFAULTS
     # schnell is distilled without guidance embedding; dev has it.
     if not getattr(transformer_config, "guidance_embeds", True) or "schnell" in spec.lower():
@@ -113,7 +112,7 @@ def _looks_like_path(spec: str) -> bool:
 def resolve_model_spec(spec: str, models_dir: Path, base_model: str = "") -> ModelSource:
     """What ``--model`` names; raises ValueError saying what is wrong and what would work."""
     spec = (spec or "").strip()
-    if spec == TINY_MODEL:
+    if spec == TINY_MODEL_ID:
         return ModelSource(KIND_TINY, str(ensure_tiny_model(models_dir)), is_demo=True)
     if spec.lower().endswith(SINGLE_FILE_SUFFIXES):
         return _single_file_source(spec, models_dir, base_model)
@@ -138,7 +137,7 @@ def resolve_model_spec(spec: str, models_dir: Path, base_model: str = "") -> Mod
     if _HUB_ID.match(spec):
         return ModelSource(KIND_HUB, spec)
     raise ValueError(
-        f"model {spec!r} is neither '{TINY_MODEL}', a Hub id like black-forest-labs/FLUX.1-schnell, "
+        f"model {spec!r} is neither '{TINY_MODEL_ID}', a Hub id like black-forest-labs/FLUX.1-schnell, "
         "an existing local diffusers folder, nor a .safetensors/.gguf transformer file"
     )
 
@@ -310,7 +309,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     loaded = LoadedModel(
         pipe=pipe,
         spec=settings.model,
-        defaults=defaults_for(TINY_MODEL if source.is_demo else settings.model, pipe.transformer.config),
+        defaults=defaults_for(TINY_MODEL_ID if source.is_demo else settings.model, pipe.transformer.config),
         device=device,
         dtype=dtype,
         is_demo=source.is_demo,
@@ -322,16 +321,3 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     log.info("model ready in %.1f s: %s, memory profile %s (%s)",
              loaded.load_seconds, loaded.description, profile, reason)
     return loaded
-
-
-def model_summary(loaded: LoadedModel) -> dict[str, Any]:
-    return {
-        "model": loaded.spec,
-        "demo": loaded.is_demo,
-        "description": loaded.description,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).replace("torch.", ""),
-        "memory_profile": loaded.memory_profile,
-        "memory_reason": loaded.memory_reason,
-        "defaults": json.loads(json.dumps(loaded.defaults.__dict__)),
-    }

@@ -242,25 +242,6 @@ def pipeline_bytes(pipe: Any) -> int:
     return total
 
 
-def placement(pipe: Any) -> dict[str, str]:
-    """Where each component's weights are and whether offload hooks drive it.
-
-    Used to check that loading a LoRA leaves the pipeline where its profile put it
-    (diffusers issue 10914: with offload or 8-bit, load_lora_weights moved it to the CPU).
-    """
-    import torch
-
-    out: dict[str, str] = {}
-    for name in COMPONENTS:
-        module = getattr(pipe, name, None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        devices = sorted({p.device.type for p in module.parameters()})
-        hooked = hasattr(module, "_hf_hook") or any(hasattr(m, "_hf_hook") for m in module.modules())
-        out[name] = ",".join(devices) + (" +hooks" if hooked else "")
-    return out
-
-
 def apply_memory_profile(pipe: Any, profile: str, device: Any, reason: str = "asked for") -> tuple[str, str]:
     """Place the loaded pipeline's weights as ``profile`` says; returns (profile, why)."""
     import torch

@@ -31,9 +31,10 @@ from typing import Any
 
 from filelock import FileLock
 
+from masuka.settings import TINY_MODEL_ID
+
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_ID = "masuka/tiny-flux"
 TINY_MODEL_VERSION = "1"
 
 MARKER_FILE = "masuka_tiny.json"
@@ -188,13 +189,6 @@ def _save_tiny_model(folder: Path) -> None:
     }
     # Written last: its presence (with the right version) means "complete".
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def build_tiny_pipeline(path: Path, **kwargs: Any):
-    """Load the tiny model folder as a ``FluxPipeline`` (like any real model)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline.from_pretrained(str(path), **kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -106,14 +105,6 @@ class SafeResponse:
     @property
     def headers(self) -> httpx.Headers:
         return self.response.headers
-
-
-def allow_private_from_env(env: Mapping[str, str] | None = None) -> bool:
-    """True when ``MASUKA_ALLOW_PRIVATE_URLS`` is set to 1 (or true/yes/on)."""
-    if env is None:
-        env = os.environ
-    value = env.get(ALLOW_PRIVATE_ENV, "")
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def redact_url(url: object) -> str:

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.parse
 from collections import deque
@@ -38,6 +37,8 @@ import httpx
 
 from masuka.net import safe as netsafe
 from masuka.settings import DEFAULT_RATE_WINDOW_S
+from masuka.store.atomic import atomic_file
+from masuka.units import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +168,6 @@ def _target_lock(dest_dir: Path, filename: str, timeout: float | None) -> Iterat
         lock.release()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        logger.debug("cannot open %s to fsync it: %s", path, exc)
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        logger.debug("fsync of directory %s failed: %s", path, exc)
-    finally:
-        os.close(fd)
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -199,71 +186,33 @@ def _existing(final: Path) -> DownloadResult | None:
     )
 
 
-def _remove_quietly(path: str | None) -> None:
-    if path is None:
-        return
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("could not remove temporary file %s: %s", path, exc)
-
-
 def _too_large(what: str, size: int | None, max_bytes: int) -> DownloadTooLargeError:
     got = f" ({size} bytes)" if size is not None else ""
     return DownloadTooLargeError(
-        f"{what}{got} is larger than the size cap of {_human(max_bytes)}; refused", max_bytes=max_bytes
+        f"{what}{got} is larger than the size cap of {human_bytes(max_bytes)}; refused", max_bytes=max_bytes
     )
 
 
-def _human(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB ({n} bytes)"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB ({n} bytes)"
-    return f"{n} bytes"
+@contextlib.contextmanager
+def _install(final: Path, verify: VerifyCallback | None) -> Iterator[_Hashing]:
+    """Stream into ``.<name>.<random>.incomplete`` beside ``final``; on a clean exit,
+    ``verify`` (raises ValueError to refuse) and move it into place; on any failure remove it."""
+    with atomic_file(final, suffix=TEMP_SUFFIX, mode=0o644, check=verify) as fh:
+        yield _Hashing(fh)
 
 
-class _Install:
-    """Write a temp file in ``dest_dir``, then verify and move it to ``final``; remove it on any failure."""
+class _Hashing:
+    """A write handle that counts and hashes what goes through it."""
 
-    def __init__(self, dest_dir: Path, filename: str) -> None:
-        self.dest_dir = dest_dir
-        self.filename = filename
-        self.final = dest_dir / filename
-        self.tmp_path: str | None = None
-
-    def __enter__(self) -> _Install:
-        fd, self.tmp_path = tempfile.mkstemp(dir=self.dest_dir, prefix=f".{self.filename}.", suffix=TEMP_SUFFIX)
-        self.fh = os.fdopen(fd, "wb")
+    def __init__(self, fh) -> None:
+        self._fh = fh
         self.digest = hashlib.sha256()
         self.size = 0
-        return self
 
     def write(self, chunk: bytes) -> None:
-        self.fh.write(chunk)
+        self._fh.write(chunk)
         self.digest.update(chunk)
         self.size += len(chunk)
-
-    def commit(self, verify: VerifyCallback | None) -> None:
-        assert self.tmp_path is not None
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        if verify is not None:
-            verify(Path(self.tmp_path))  # raises ValueError to refuse
-        os.chmod(self.tmp_path, 0o644)
-        os.replace(self.tmp_path, self.final)
-        self.tmp_path = None
-        _fsync_dir(self.dest_dir)
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-        if self.tmp_path is not None:  # failure (any BaseException) or commit never reached
-            _remove_quietly(self.tmp_path)
-            self.tmp_path = None
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
@@ -473,7 +422,7 @@ def download_url(
         try:
             with netsafe.open_stream(
                 url, allow_private=allow_private, headers=send_headers, timeout=timeout
-            ) as safe, _Install(dest_dir, filename) as install:
+            ) as safe, _install(final, verify) as install:
                 response = safe.response
                 if not 200 <= response.status_code < 300:
                     raise _http_error(safe.url, response)
@@ -503,8 +452,7 @@ def download_url(
                     )
                 suggested = filename_from_response(safe.url, response.headers)
                 final_url = safe.url
-                install.commit(verify)
-                sha256, size = install.digest.hexdigest(), install.size
+            sha256, size = install.digest.hexdigest(), install.size
         except DownloadError:
             raise
         except netsafe.NetworkError as exc:
@@ -518,30 +466,6 @@ def download_url(
             final_url=final_url,
             suggested_filename=suggested,
         )
-
-
-def probe_filename(
-    url: str,
-    *,
-    allow_private: bool,
-    headers: Mapping[str, str] | None = None,
-    timeout: netsafe.Timeout = None,
-) -> str | None:
-    """Ask the server (a GET whose body is not read) what the file is called; None when it says nothing usable.
-
-    Follows redirects like :func:`download_url` (so Civitai's CDN Content-Disposition is seen).
-    Raises like :func:`download_url` for refused URLs / failures / HTTP errors.
-    """
-    try:
-        with netsafe.open_stream(url, allow_private=allow_private, headers=request_headers(url, headers),
-                                 timeout=timeout) as safe:
-            if not 200 <= safe.status_code < 300:
-                raise _http_error(safe.url, safe.response)
-            return filename_from_response(safe.url, safe.headers)
-    except DownloadError:
-        raise
-    except netsafe.NetworkError as exc:
-        raise DownloadError(str(exc)) from exc
 
 
 def _target_of_partial(name: str) -> str | None:
@@ -811,7 +735,7 @@ def download_hub(
         cached_size = cached_path.stat().st_size
         if cached_size > max_bytes:
             raise _too_large(what, cached_size, max_bytes)
-        with _Install(dest_dir, target) as install, open(cached_path, "rb") as src:
+        with _install(final, verify) as install, open(cached_path, "rb") as src:
             if progress is not None:
                 progress(0, cached_size)
             while chunk := src.read(CHUNK_SIZE):
@@ -820,8 +744,7 @@ def download_hub(
                 install.write(chunk)
                 if progress is not None:
                     progress(install.size, cached_size)
-            install.commit(verify)
-            sha256, copied = install.digest.hexdigest(), install.size
+        sha256, copied = install.digest.hexdigest(), install.size
         logger.info("installed %s as %s (%d bytes, sha256 %s)", what, final, copied, sha256)
         return DownloadResult(
             path=final,
@@ -866,7 +789,6 @@ __all__ = [
     "hub_instance_prompt",
     "list_hub_safetensors",
     "parse_source",
-    "probe_filename",
     "request_headers",
     "validate_filename",
 ]

@@ -20,9 +20,15 @@ Status machine::
     running -> completed | failed | cancelled | interrupted
     final (completed, failed, cancelled, interrupted) never changes
 
-Records returned by :meth:`JobStore.get` / :meth:`JobStore.list` never contain
-a key named ``"path"`` anywhere (a client library downloads such values as
-files): such keys inside ``params`` are stored as ``"file_path"``.
+Records (:meth:`JobStore.get`, :meth:`JobStore.list`) are the full story,
+for the studio itself: they include the Gradio session and the owner process.
+What a client may see is :func:`public_record` of one (no ``session``, no
+``owner``) or a :meth:`JobStore.history` row.  In every record ``seed`` is the
+seed of the first image actually used (None until the seeds are drawn) and
+``requested_seed`` what was asked (-1: random); times are ISO 8601 strings in
+UTC; no key is named ``"path"`` anywhere (gradio_client downloads such values
+as files): such keys read as ``"file"``.  The database keeps Unix times and the
+requested seed in its ``seed`` column.
 
 Nothing happens at import time: no connection, no mkdir, no pandas import.
 """
@@ -31,9 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 import socket
 import sqlite3
 import tempfile
@@ -43,13 +47,13 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-try:  # psutil is a dependency, but degrade gracefully if it is missing.
-    import psutil
-except ImportError:  # pragma: no cover - exercised only without psutil
-    psutil = None
+import psutil
+
+from masuka.store.atomic import atomic_copy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -59,11 +63,13 @@ __all__ = [
     "FINAL_STATUSES",
     "ACTIVE_STATUSES",
     "ALLOWED_TRANSITIONS",
-    "DATAFRAME_COLUMNS",
+    "HISTORY_COLUMNS",
+    "HISTORY_TEXT_LIMIT",
     "SCHEMA_VERSION",
     "ProcessOwner",
     "JobNotFound",
     "JobStore",
+    "public_record",
     "restore_backup",
 ]
 
@@ -82,17 +88,21 @@ ALLOWED_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "interrupted": ("queued", "running"),
 }
 
-DATAFRAME_COLUMNS = (
+# The columns of a history row (JobStore.history / JobStore.dataframe), in order.
+HISTORY_COLUMNS = (
     "job_id",
     "created_at",
     "status",
     "prompt",
     "lora",
     "seed",
+    "requested_seed",
     "steps",
     "duration_s",
     "error",
 )
+
+HISTORY_TEXT_LIMIT = 300  # prompt and error in history rows; get() has the full text
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
@@ -102,7 +112,8 @@ MAX_TRACEBACK_CHARS = 100_000
 _ID_ATTEMPTS = 5
 _START_TIME_TOLERANCE_S = 1.0
 _FORBIDDEN_KEY = "path"
-_RENAMED_KEY = "file_path"
+_RENAMED_KEY = "file"
+_PRIVATE_KEYS = frozenset({"session", "owner"})  # a session hash lets anyone act as that browser
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -112,7 +123,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner_started_at REAL,
     user             TEXT,
     session          TEXT,
-    created_at       REAL NOT NULL,
+    created_at       REAL NOT NULL,  -- Unix times (records show ISO 8601 UTC)
     started_at       REAL,
     finished_at      REAL,
     status           TEXT NOT NULL,
@@ -123,7 +134,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps            INTEGER,
     guidance         REAL,
     num_images       INTEGER,
-    seed             INTEGER,
+    seed             INTEGER,  -- the requested seed, -1 random (records: requested_seed)
     seeds            TEXT NOT NULL DEFAULT '[]',
     loras            TEXT NOT NULL DEFAULT '[]',
     params           TEXT NOT NULL DEFAULT '{}',
@@ -158,6 +169,7 @@ _RECORD_KEYS = (
     "guidance",
     "num_images",
     "seed",
+    "requested_seed",
     "seeds",
     "loras",
     "params",
@@ -177,8 +189,6 @@ def _hostname() -> str:
 
 def _process_create_time(pid: int) -> float | None:
     """Start time of ``pid`` (epoch seconds) or None when unknown / no such process."""
-    if psutil is None:
-        return None
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.Error, OSError, ValueError):
@@ -213,8 +223,6 @@ class ProcessOwner:
             return True
         if not isinstance(self.pid, int) or self.pid <= 0:
             return False
-        if psutil is None:  # pragma: no cover - fallback without psutil
-            return _pid_exists_without_psutil(self.pid)
         try:
             proc = psutil.Process(self.pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -228,21 +236,6 @@ class ProcessOwner:
         if self.started_at is None:
             return False
         return abs(created - float(self.started_at)) <= _START_TIME_TOLERANCE_S
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "host": self.host, "started_at": self.started_at}
-
-
-def _pid_exists_without_psutil(pid: int) -> bool:  # pragma: no cover - fallback
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------- errors
@@ -283,8 +276,8 @@ def _dumps(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON serializable: {value!r} ({exc})") from exc
 
 
-def _strip_path_keys(value: Any) -> Any:
-    """Return a copy of ``value`` where no dict key is named "path"."""
+def _rename_path_keys(value: Any) -> Any:
+    """A copy of ``value`` where every dict key named "path" is named "file"."""
     if isinstance(value, Mapping):
         out: dict[Any, Any] = {}
         for key, item in value.items():
@@ -294,11 +287,16 @@ def _strip_path_keys(value: Any) -> Any:
                 if _RENAMED_KEY in value:
                     logger.warning("dropping key %r: %r is also present", key, _RENAMED_KEY)
                     continue
-            out[new_key] = _strip_path_keys(item)
+            out[new_key] = _rename_path_keys(item)
         return out
     if isinstance(value, (list, tuple)):
-        return [_strip_path_keys(item) for item in value]
+        return [_rename_path_keys(item) for item in value]
     return value
+
+
+def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a client may see of a job record: no ``session``, no ``owner``, no key named "path"."""
+    return _rename_path_keys({key: value for key, value in record.items() if key not in _PRIVATE_KEYS})
 
 
 def _loads(text: str | None, kind: type, column: str, job_id: str) -> Any:
@@ -312,29 +310,7 @@ def _loads(text: str | None, kind: type, column: str, job_id: str) -> Any:
     if not isinstance(value, kind):
         logger.warning("job %s: column %s is not a %s; ignoring it", job_id, column, kind.__name__)
         return kind()
-    return _strip_path_keys(value)
-
-
-def _maybe_int(value: Any) -> int | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(number) or number != int(number):
-        return None
-    return int(number)
-
-
-def _maybe_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    return value
 
 
 def _check_job_id(job_id: Any) -> str:
@@ -344,47 +320,13 @@ def _check_job_id(job_id: Any) -> str:
 
 
 def _check_seeds(seeds: Any) -> list[int]:
-    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+    """The seeds column feeds every record's ``seed``: whole numbers only."""
+    if not isinstance(seeds, (list, tuple)):
         raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
-    out = []
     for seed in seeds:
-        number = _maybe_int(seed)
-        if number is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        out.append(number)
-    return out
-
-
-def _check_strings(values: Any, what: str) -> list[str]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{what} must be a list of strings, got {values!r}")
-    out = []
-    for value in values:
-        if isinstance(value, PurePath):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ValueError(f"{what} entries must be strings, got {value!r}")
-        out.append(value)
-    return out
-
-
-def _normalize_loras(loras: Any) -> list[dict[str, Any]]:
-    if loras is None:
-        return []
-    if isinstance(loras, (str, bytes, Mapping)) or not hasattr(loras, "__iter__"):
-        raise ValueError(f"loras must be a list of {{'name', 'scale'}} dicts, got {loras!r}")
-    out = []
-    for lora in loras:
-        if not isinstance(lora, Mapping):
-            raise ValueError(f"lora entry must be a dict with 'name' and 'scale', got {lora!r}")
-        name = lora.get("name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"lora name must be a non-empty string, got {name!r}")
-        scale = _maybe_float(lora.get("scale", 1.0))
-        if scale is None:
-            raise ValueError(f"lora scale must be a finite number, got {lora.get('scale')!r}")
-        out.append({"name": name, "scale": scale})
-    return out
+    return list(seeds)
 
 
 def _clip(text: Any, limit: int, what: str) -> str:
@@ -398,23 +340,33 @@ def _clip(text: Any, limit: int, what: str) -> str:
     return text
 
 
+def _shorten(text: str | None, limit: int = HISTORY_TEXT_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when anything was cut."""
+    text = text or ""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def _casefold(text: Any) -> str:
     return text.casefold() if isinstance(text, str) else ""
 
 
 def _format_scale(scale: Any) -> str:
-    number = _maybe_float(scale)
-    return f"{number:g}" if number is not None else str(scale)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return f"{scale:g}"
+    return str(scale)
 
 
-def _lora_label(loras: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{lora.get('name', '?')}:{_format_scale(lora.get('scale'))}" for lora in loras)
+def _lora_label(loras: list[Any]) -> str:
+    return ", ".join(
+        f"{lora.get('name', '?')}:{_format_scale(lora.get('scale'))}" for lora in loras if isinstance(lora, Mapping)
+    )
 
 
-def _local_time(ts: float | None) -> str:
+def _iso_utc(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC with its zone: "2026-11-30T06:10:03.123456+00:00"."""
     if ts is None:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
 
 
 # ------------------------------------------------------------------------ store
@@ -513,7 +465,8 @@ class JobStore:
                     target.execute("PRAGMA journal_mode = DELETE")
                 finally:
                     target.close()
-                _copy_into_place(Path(snapshot), dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                atomic_copy(Path(snapshot), dest)
             finally:
                 Path(snapshot).unlink(missing_ok=True)
         logger.debug("job database backed up to %s", dest)
@@ -549,10 +502,19 @@ class JobStore:
 
     def _record(self, row: sqlite3.Row) -> dict[str, Any]:
         job_id = row["job_id"]
+        seeds = _loads(row["seeds"], list, "seeds", job_id)
         record: dict[str, Any] = {}
         for key in _RECORD_KEYS:
-            if key in _JSON_COLUMNS:
+            if key == "seed":  # the seed of the first image, once drawn
+                record[key] = seeds[0] if seeds and isinstance(seeds[0], int) else None
+            elif key == "requested_seed":  # stored in the seed column
+                record[key] = row["seed"]
+            elif key == "seeds":
+                record[key] = seeds
+            elif key in _JSON_COLUMNS:
                 record[key] = _loads(row[key], _JSON_COLUMNS[key], key, job_id)
+            elif key in ("created_at", "started_at", "finished_at"):
+                record[key] = _iso_utc(row[key])
             else:
                 record[key] = row[key]
         record["owner"] = {
@@ -560,7 +522,7 @@ class JobStore:
             "host": row["owner_host"],
             "started_at": row["owner_started_at"],
         }
-        return record
+        return _rename_path_keys(record)
 
     def _status_of(self, job_id: str) -> str:
         row = self._conn().execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -579,19 +541,22 @@ class JobStore:
         session: str | None = None,
         status: str = "running",
     ) -> str:
-        """Record a new job owned by this store's process; return its id."""
+        """Record a new job owned by this store's process; return its id.
+
+        ``params`` are a checked request's (``GenerateRequest.params()`` and the model);
+        they are not checked again here, only made sure to fit the database.
+        """
         if status not in ACTIVE_STATUSES:
             raise ValueError(f"a new job must be 'queued' or 'running', got {status!r}")
         if not isinstance(params, Mapping):
             raise ValueError(f"params must be a dict, got {params!r}")
+        if not isinstance(loras, (list, tuple)):
+            raise ValueError(f"loras must be a list, got {loras!r}")
         for name, value in (("user", user), ("session", session)):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or None, got {value!r}")
-        clean_params = _strip_path_keys(dict(params))
-        params_json = _dumps(clean_params, "params")
-        loras_json = _dumps(_normalize_loras(loras), "loras")
-        prompt = params.get("prompt")
-        model = params.get("model")
+        params_json = _dumps(dict(params), "params")
+        loras_json = _dumps(list(loras), "loras")
         now = time.time()
         values = {
             "owner_pid": self.owner.pid,
@@ -602,14 +567,14 @@ class JobStore:
             "created_at": now,
             "started_at": now if status == "running" else None,
             "status": status,
-            "prompt": None if prompt is None else str(prompt),
-            "model": None if model is None else str(model),
-            "width": _maybe_int(params.get("width")),
-            "height": _maybe_int(params.get("height")),
-            "steps": _maybe_int(params.get("steps")),
-            "guidance": _maybe_float(params.get("guidance")),
-            "num_images": _maybe_int(params.get("num_images")),
-            "seed": _maybe_int(params.get("seed")),
+            "prompt": params.get("prompt"),
+            "model": params.get("model"),
+            "width": params.get("width"),
+            "height": params.get("height"),
+            "steps": params.get("steps"),
+            "guidance": params.get("guidance"),
+            "num_images": params.get("num_images"),
+            "seed": params.get("seed"),
             "seeds": "[]",
             "loras": loras_json,
             "params": params_json,
@@ -681,8 +646,6 @@ class JobStore:
         """queued -> running (records started_at)."""
         return self._transition(job_id, "running")
 
-    mark_started = mark_running  # the name used in docs/architecture.md
-
     def mark_completed(
         self,
         job_id: str,
@@ -694,10 +657,10 @@ class JobStore:
         """running -> completed.  ``notes=None`` keeps the notes already stored."""
         extra: dict[str, Any] = {
             "seeds": _dumps(_check_seeds(seeds), "seeds"),
-            "outputs": _dumps(_check_strings(outputs, "outputs"), "outputs"),
+            "outputs": _dumps([str(output) for output in outputs], "outputs"),
         }
         if notes is not None:
-            extra["notes"] = _dumps(_check_strings(notes, "notes"), "notes")
+            extra["notes"] = _dumps(list(notes), "notes")
         return self._transition(job_id, "completed", extra)
 
     def mark_failed(self, job_id: str, *, error: str, traceback: str) -> bool:
@@ -807,68 +770,45 @@ class JobStore:
         rows = self._conn().execute(sql, (*args, limit)).fetchall()
         return [self._record(row) for row in rows]
 
-    def running_jobs(self) -> list[dict[str, Any]]:
-        """Jobs not yet finished (status queued or running), newest first."""
-        rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY created_at DESC, rowid DESC",
-            ACTIVE_STATUSES,
-        ).fetchall()
-        return [self._record(row) for row in rows]
+    def history(self, **filters: Any) -> list[dict[str, Any]]:
+        """Rows for a history table, newest first: the ``HISTORY_COLUMNS`` of each job.
 
-    def dataframe(
-        self,
-        *,
-        limit: int = 50,
-        status: str | None = None,
-        search: str | None = None,
-        user: str | None = None,
-    ) -> pandas.DataFrame:
-        """A table for the UI with columns ``DATAFRAME_COLUMNS``, newest first."""
-        import pandas as pd  # heavy: imported only when a table is wanted
-
+        ``filters``: those of :meth:`list` (limit, status, search, user).  Prompt and
+        error are cut to ``HISTORY_TEXT_LIMIT`` characters (``get`` has them whole), so
+        a huge prompt cannot swell a listing; ``duration_s`` is rounded to 0.01 s.
+        """
         rows = []
-        for job in self.list(limit=limit, status=status, search=search, user=user):
-            if job["seeds"]:
-                seed = job["seeds"][0]
-            else:  # not run yet: show the requested seed unless it asked for a random one
-                seed = job["seed"] if job["seed"] is not None and job["seed"] >= 0 else None
+        for job in self.list(**filters):
             duration = job["duration_s"]
             rows.append(
                 {
                     "job_id": job["job_id"],
-                    "created_at": _local_time(job["created_at"]),
+                    "created_at": job["created_at"],
                     "status": job["status"],
-                    "prompt": job["prompt"] or "",
+                    "prompt": _shorten(job["prompt"]),
                     "lora": _lora_label(job["loras"]),
-                    "seed": seed,
+                    "seed": job["seed"],
+                    "requested_seed": job["requested_seed"],
                     "steps": job["steps"],
                     "duration_s": None if duration is None else round(float(duration), 2),
-                    "error": job["error"] or "",
+                    "error": _shorten(job["error"]),
                 }
             )
-        frame = pd.DataFrame(rows, columns=list(DATAFRAME_COLUMNS))
-        frame["seed"] = frame["seed"].astype("Int64")
-        frame["steps"] = frame["steps"].astype("Int64")
+        return rows
+
+    def dataframe(self, **filters: Any) -> pandas.DataFrame:
+        """:meth:`history` as a table for the page (columns ``HISTORY_COLUMNS``)."""
+        import pandas as pd  # heavy: imported only when a table is wanted
+
+        rows = self.history(**filters)
+        frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+        for column in ("seed", "requested_seed", "steps"):
+            frame[column] = frame[column].astype("Int64")
         frame["duration_s"] = frame["duration_s"].astype("float64")
         return frame
 
 
 # ----------------------------------------------------------------------- backup
-
-
-def _copy_into_place(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` through a temp file in dest's folder + fsync + os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def restore_backup(db_path: Path, backup: Path) -> bool:
@@ -885,29 +825,24 @@ def restore_backup(db_path: Path, backup: Path) -> bool:
     if db_path.exists() or not backup.is_file():
         return False
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=db_path.parent, prefix=f".{db_path.name}.", suffix=".restore")
-    os.close(fd)
-    try:
-        shutil.copyfile(backup, tmp)
-        try:
-            moved = _check_restored(Path(tmp), backup)
-        except sqlite3.DatabaseError as exc:
-            aside = backup.with_name(f"{backup.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            logger.error("backup %s is not a readable job database (%s); kept as %s", backup, exc, aside)
-            os.replace(backup, aside)
-            return False
+    moved: list[int] = []
+
+    def check(copy: Path) -> None:
+        moved.append(_check_restored(copy, backup))
         # A stale WAL beside a missing database belongs to some other file.
         for suffix in ("-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-        try:
-            os.link(tmp, db_path)  # atomic and never overwrites a database made meanwhile
-        except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links
-            os.replace(tmp, db_path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    logger.info("job history restored from %s (%d unfinished job(s) marked interrupted)", backup, moved)
+
+    try:
+        atomic_copy(backup, db_path, suffix=".restore", check=check, overwrite=False)
+    except sqlite3.DatabaseError as exc:
+        aside = backup.with_name(f"{backup.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        logger.error("backup %s is not a readable job database (%s); kept as %s", backup, exc, aside)
+        os.replace(backup, aside)
+        return False
+    except FileExistsError:  # a database was made meanwhile: it wins
+        return False
+    logger.info("job history restored from %s (%d unfinished job(s) marked interrupted)", backup, moved[0])
     return True
 
 

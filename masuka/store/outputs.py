@@ -1,7 +1,10 @@
 """Output images: PNG files with the generation parameters in text chunks.
 
-Files go to `<outputs>/<YYYY-MM-DD>/`, written to a temporary name, fsynced and
-renamed, so a full or read-only disk never leaves a half-written image listed.
+Files go to `<outputs>/<YYYY-MM-DD>/<job_id>-<index>-<seed>.png`, written to a
+temporary name (`.<name>.<random>.partial`), fsynced and renamed, so a full or
+read-only disk never leaves a half-written image listed.  A process killed while
+saving can still leave a temp file or an image its job never recorded:
+`remove_leftovers` clears those at start.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from masuka import __version__
+from masuka.store.atomic import atomic_file
+from masuka.store.jobs import FINAL_STATUSES, JobNotFound, JobStore
 from masuka.store.imagefiles import (  # noqa: F401 - MAX_METADATA_* and check_image_file are re-exported
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -34,6 +39,13 @@ log = logging.getLogger(__name__)
 META_KEY = "masuka"  # one JSON chunk with everything, read back by `read_metadata`
 # Plain chunks too, so other tools (and people) can read the basics.
 PLAIN_KEYS = ("prompt", "seed", "steps", "guidance", "width", "height", "model", "loras", "job_id")
+TEMP_SUFFIX = ".partial"
+STALE_SECONDS = 3600  # a temp file of a job this history does not know is dead after this long
+
+_DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# `<job_id>-<index>-<seed>.png` and its temp files `.<job_id>-<index>-<seed>.<anything>.partial`.
+_IMAGE = re.compile(r"^(?P<job>[0-9a-f]{12})-\d+-\d+\.png$")
+_TEMP = re.compile(r"^\.(?P<job>[0-9a-f]{12})-\d+-\d+\..+\.partial$")
 
 
 def image_metadata(params: dict[str, Any], *, seed: int, model: str, job_id: str) -> dict[str, Any]:
@@ -65,20 +77,66 @@ def save_image(image: Image.Image, outputs_dir: Path, metadata: dict[str, Any], 
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     info.add_text("Software", f"MASUKA {__version__}")
     final = folder / f"{stem}.png"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(final, suffix=TEMP_SUFFIX) as fh:
+        image.save(fh, format="PNG", pnginfo=info)
     return final
+
+
+def remove_leftovers(outputs_dir: Path, jobs: JobStore) -> list[Path]:
+    """Remove what killed processes left in `<outputs>/<date>/`; returns the removed files.
+
+    A file named like ours (an image or its `.partial` temp file) goes when its job
+    has ended (completed, failed, cancelled, interrupted) and does not list it.  Files
+    of queued or running jobs stay (another live process may be saving them), and so
+    do images of jobs this history does not know: the folder may be shared (a Drive
+    folder used with another database, or a history that was lost), and those images
+    are someone's work.  Only their temp files go, once an hour old.
+    """
+    outputs_dir = Path(outputs_dir)
+    if not outputs_dir.is_dir():
+        return []
+    listed: dict[str, set[str] | None] = {}  # job id -> names of its outputs; None: leave its files alone
+    removed: list[Path] = []
+    now = time.time()
+    for folder in sorted(p for p in outputs_dir.iterdir() if p.is_dir() and _DAY_FOLDER.match(p.name)):
+        for file in sorted(folder.iterdir()):
+            match = _IMAGE.match(file.name) or _TEMP.match(file.name)
+            if match is None or file.is_symlink() or not file.is_file():
+                continue
+            job_id = match["job"]
+            if job_id not in listed:
+                listed[job_id] = _ended_job_outputs(jobs, job_id)
+            names = listed[job_id]
+            if names is None:
+                if not (file.name.endswith(TEMP_SUFFIX) and _older_than(file, now, STALE_SECONDS)):
+                    continue
+            elif file.name in names:
+                continue
+            try:
+                file.unlink()
+            except FileNotFoundError:
+                continue
+            log.warning("removed leftover %s (job %s does not list it)", file, job_id)
+            removed.append(file)
+    return removed
+
+
+def _ended_job_outputs(jobs: JobStore, job_id: str) -> set[str] | None:
+    """File names of an ended job's images; None for a job still running or unknown here."""
+    try:
+        record = jobs.get(job_id)
+    except JobNotFound:
+        return None
+    if record["status"] not in FINAL_STATUSES:
+        return None
+    return {Path(output).name for output in record["outputs"]}
+
+
+def _older_than(file: Path, now: float, seconds: float) -> bool:
+    try:
+        return now - file.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 def read_metadata(
