@@ -23,7 +23,8 @@ from masuka.model.defaults import ModelDefaults
 from masuka.model.loading import LoadedModel, load_pipeline
 from masuka.settings import Settings
 from masuka.store.backup import DbBackup
-from masuka.store.jobs import JobNotFound, JobStore, restore_backup
+from masuka.store.jobs import JobNotFound, JobStore, public_record, restore_backup
+from masuka.store.outputs import remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,6 @@ class ModelInfo:
     is_demo: bool
     memory_profile: str
     defaults: ModelDefaults
-
-
-def public_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A job record for clients: never a key named "path" (gradio_client would download it)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {("file" if k == "path" else k): clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return clean(record)
 
 
 @dataclass(frozen=True)
@@ -162,7 +150,7 @@ class Studio:
 
     def history(self, limit: int = 50, status: str | None = None, search: str | None = None) -> list[dict]:
         """Newest jobs first, as table rows."""
-        return self.history_frame(limit, status, search).to_dict(orient="records")
+        return self.jobs.history(limit=limit, status=status or None, search=search or None)
 
     def history_frame(self, limit: int = 50, status: str | None = None, search: str | None = None):
         return self.jobs.dataframe(limit=limit, status=status or None, search=search or None)
@@ -248,6 +236,7 @@ def build_studio(settings: Settings, *, loaded: LoadedModel | None = None) -> St
     interrupted = jobs.recover_interrupted()
     if interrupted:
         log.warning("marked %d job(s) interrupted (their process ended): %s", len(interrupted), interrupted)
+    remove_leftovers(paths.outputs, jobs)  # images and temp files of jobs that ended without them
     if loaded is None:
         loaded = load_pipeline(settings)
     library = LoraLibrary(

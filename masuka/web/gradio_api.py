@@ -16,7 +16,8 @@ from gradio.data_classes import FileData
 from masuka.core.runner import JobFailed
 from masuka.net.transfers import DownloadError
 from masuka.store.jobs import JobNotFound
-from masuka.studio import Caller, Studio, public_record
+from masuka.store.jobs import public_record
+from masuka.studio import Caller, Studio
 
 log = logging.getLogger(__name__)
 

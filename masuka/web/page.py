@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,6 +65,7 @@ HISTORY_HEADERS = {
     "prompt": "Prompt",
     "lora": "LoRAs",
     "seed": "Seed",
+    "requested_seed": "Asked seed",
     "steps": "Steps",
     "duration_s": "Time (s)",
     "error": "Error",
@@ -198,7 +199,7 @@ def job_markdown(record: dict[str, Any]) -> str:
     icon = {"completed": "✓", "failed": "✗", "cancelled": "■", "running": "…", "queued": "…"}.get(record["status"], "⚠")
     loras = ", ".join(f"{lc['name']} × {lc['scale']:g}" for lc in record.get("loras") or []) or "none"
     seeds = ", ".join(str(s) for s in record.get("seeds") or []) or "—"
-    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["created_at"]))
+    created = datetime.fromisoformat(record["created_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S")
     duration = "" if record.get("duration_s") is None else f" · took {record['duration_s']:.2f} s"
     who = f" · by {record['user']}" if record.get("user") else ""
     lines = [
