@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import multiprocessing
 import re
 import threading
 import time
@@ -337,41 +336,7 @@ def test_bad_pace_arguments_are_refused_before_any_transfer(server, tmp_path, kw
     assert server.started["/file"] == 0
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def _proc_download(url: str, dest: str, barrier, results) -> None:
-    try:
-        barrier.wait(30)
-        r = download_url(url, Path(dest), filename=NAME, max_bytes=16 * 2**20, allow_private=True)
-        results.put(("ok", r.sha256, r.downloaded, r.size_bytes))
-    except BaseException as exc:  # report everything to the parent, then fail
-        results.put(("error", repr(exc)))
-        raise
-
-
-@pytest.mark.timeout(90)
-def test_three_processes_download_once(server, tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_proc_download, args=(server.url("/slow"), str(tmp_path), barrier, results))
-             for _ in range(3)]
-    for p in procs:
-        p.start()
-    try:
-        got = [results.get(timeout=60) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    assert all(r[0] == "ok" for r in got), got
-    assert {r[1] for r in got} == {DATA_SHA}
-    assert sorted(r[2] for r in got) == [False, False, True]
-    assert server.started["/slow"] == 1 and server.completed["/slow"] == 1
-    assert leftovers(tmp_path) == [NAME]
-    assert (tmp_path / NAME).read_bytes() == DATA
+# --------------------------------------------------------------------------- concurrency (processes: test_lora_library)
 
 
 def test_threads_download_once(server, tmp_path):
@@ -387,42 +352,6 @@ def test_threads_download_once(server, tmp_path):
         t.join(30)
     assert sorted(r.downloaded for r in out) == [False, False, True]
     assert server.started["/slow"] == 1
-
-
-@pytest.mark.timeout(90)
-def test_sigkill_mid_download_leaves_only_partial(server, tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(1)
-    results = ctx.Queue()
-    proc = ctx.Process(target=_proc_download, args=(server.url("/hang"), str(tmp_path), barrier, results))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 45
-        partials: list[Path] = []
-        while time.monotonic() < deadline:
-            partials = [p for p in tmp_path.glob("*.incomplete") if p.stat().st_size > 0]
-            if partials:
-                break
-            assert proc.is_alive(), "downloader exited early"
-            time.sleep(0.05)
-        assert partials, "no partial download appeared"
-        proc.kill()  # SIGKILL: no cleanup runs
-        proc.join(10)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(10)
-    server.stop.set()
-    assert proc.exitcode == -9
-    assert not (tmp_path / NAME).exists()
-    names = leftovers(tmp_path)
-    assert len(names) == 1 and names[0].startswith(f".{NAME}.") and names[0].endswith(".incomplete")
-    assert cleanup_stale_partials(tmp_path, older_than_s=3600) == []  # too young for the default age
-    removed = cleanup_stale_partials(tmp_path, older_than_s=0)
-    assert [p.name for p in removed] == names
-    assert leftovers(tmp_path) == []
-    result = get(server.url("/file"), tmp_path)
-    assert result.downloaded and result.sha256 == DATA_SHA
 
 
 def test_cleanup_skips_partials_of_running_downloads(tmp_path):
