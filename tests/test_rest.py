@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -69,6 +70,10 @@ def poll_until_ended(api, job_id: str, **kwargs) -> dict:
     return wait_until(ended, what=f"job {job_id} to end")
 
 
+def rows_with_prompt(api, prompt: str, **params) -> list[dict]:
+    return [row for row in api.get("/api/v1/jobs", params=params).json() if row["prompt"] == prompt]
+
+
 def as_time(value) -> datetime:
     """A record's time: an ISO string, or (older stores) seconds since the epoch."""
     if isinstance(value, str):
@@ -96,7 +101,8 @@ def held_runner(live):
 
 
 def test_generate_answers_202_then_poll_and_fetch_the_pngs(app, api):
-    r = api.post("/api/v1/generate", json={"prompt": "a red fox", "seed": 5, "steps": 1, "height": 320, "num_images": 2})
+    body = {"prompt": "a red fox", "seed": 5, "steps": 1, "height": 320, "num_images": 2}
+    r = api.post("/api/v1/generate", json=body)
     assert r.status_code == 202
     queued = r.json()
     job_id = queued["job_id"]
@@ -190,10 +196,7 @@ def test_cancel_a_waiting_job(app, api):
         first = api.post("/api/v1/generate", json={"prompt": "cancel me", "steps": 1}).json()
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
-        second = wait_until(
-            lambda: [r for r in api.get("/api/v1/jobs", params={"status": "queued"}).json() if r["prompt"] == "never drawn"],
-            what="the waiting request's job",
-        )[0]
+        second = wait_until(lambda: rows_with_prompt(api, "never drawn", status="queued"), what="the waiting job")[0]
         assert api.get(f"/api/v1/jobs/{second['job_id']}").json()["position"] == 2
 
         r = api.post(f"/api/v1/jobs/{first['job_id']}/cancel")
@@ -224,8 +227,7 @@ def test_rest_and_gradio_client_share_one_fifo_queue(app, api):
             else:
                 pending.append(client.submit(prompt=f"client {i}", steps=1, seed=i, api_name="/generate"))
                 newest = wait_until(
-                    lambda: [r for r in api.get("/api/v1/jobs", params={"limit": 1}).json() if r["prompt"] == f"client {i}"],
-                    what=f"gradio_client job {i} in the queue",
+                    lambda: rows_with_prompt(api, f"client {i}", limit=1), what=f"gradio_client job {i} in the queue"
                 )[0]
                 job_ids.append(newest["job_id"])
         positions = [api.get(f"/api/v1/jobs/{job_id}").json()["position"] for job_id in job_ids]
@@ -314,3 +316,13 @@ def test_cancelling_another_logins_job_is_403(auth_app, auth_api):
     finally:
         studio.outcome(ticket)
     assert auth_api.get(f"/api/v1/jobs/{ticket.job_id}", auth=AUTH).json()["status"] == "completed"
+
+
+def test_readme_lists_every_rest_route(api):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Use it over REST", 1)[1].split("\n## ", 1)[0]
+    schema = api.get("/api/v1/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method in methods:
+            route = re.compile(rf"`{method.upper()} /api/v1{re.escape(path)}[`?]")
+            assert route.search(section), f"README misses {method.upper()} {path}"

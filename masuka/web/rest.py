@@ -46,6 +46,11 @@ _RETRY_IN = re.compile(r"try again in (\d+) s")
 GENERATE_FIELDS = ("prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images")
 
 
+def _field(default: Any, kind: str, description: str) -> Any:
+    """A body field whose JSON type is documented but not enforced (the Studio checks it)."""
+    return Field(default, json_schema_extra={"type": kind}, description=description)
+
+
 class GenerateBody(BaseModel):
     """The `/generate` parameters.  Types are only documented here: every check (type,
     range, multiple of 16, token count) is the Studio's, so REST, the page and
@@ -53,15 +58,15 @@ class GenerateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Any = Field(..., json_schema_extra={"type": "string"}, description="what to draw (at most 4000 characters)")
-    lora: Any = Field("", json_schema_extra={"type": "string"}, description='a LoRA name, or "name1:0.8,name2:0.5"')
-    lora_scale: Any = Field(1.0, json_schema_extra={"type": "number"}, description="scale of LoRAs named without one")
-    seed: Any = Field(-1, json_schema_extra={"type": "integer"}, description="-1 = random; image i uses seed + i")
-    steps: Any = Field(None, json_schema_extra={"type": "integer"}, description="1-100; null = the model's default")
-    guidance: Any = Field(None, json_schema_extra={"type": "number"}, description="0-30; null = the model's default")
-    width: Any = Field(None, json_schema_extra={"type": "integer"}, description="multiple of 16, 256-2048; null = default")
-    height: Any = Field(None, json_schema_extra={"type": "integer"}, description="multiple of 16, 256-2048; null = default")
-    num_images: Any = Field(1, json_schema_extra={"type": "integer"}, description="1-8")
+    prompt: Any = _field(..., "string", "what to draw (at most 4000 characters)")
+    lora: Any = _field("", "string", 'a LoRA name, or "name1:0.8,name2:0.5"')
+    lora_scale: Any = _field(1.0, "number", "scale of LoRAs named without one")
+    seed: Any = _field(-1, "integer", "-1 = random; image i uses seed + i")
+    steps: Any = _field(None, "integer", "1-100; null = the model's default")
+    guidance: Any = _field(None, "number", "0-30; null = the model's default")
+    width: Any = _field(None, "integer", "multiple of 16, 256-2048; null = the model's default")
+    height: Any = _field(None, "integer", "multiple of 16, 256-2048; null = the model's default")
+    num_images: Any = _field(1, "integer", "1-8")
 
 
 class RestError(Exception):
@@ -189,12 +194,24 @@ def _collect(studio: Studio, ticket: Ticket, on_done: Callable[[], None] | None)
             on_done()
 
 
+def _setter(event: asyncio.Event, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """A callback for another thread that sets `event` in its loop."""
+
+    def set_event() -> None:
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the server stopped while the job ran: nobody is waiting
+            pass
+
+    return set_event
+
+
 # ---- the app ---------------------------------------------------------------------------
-DESCRIPTION = f"""
+DESCRIPTION = """
 Generate images and read the job history over plain HTTP + JSON.  Jobs wait in the same
 queue as the page's and gradio_client's, count against the same rate limit and show in
 the same history.  When the app has a password (`--auth USER:PASS`), every route takes
-HTTP basic auth with it.  Errors are `{{"detail": "...", "parameter": "..."}}`
+HTTP basic auth with it.  Errors are `{"detail": "...", "parameter": "..."}`
 (`parameter` when one request parameter is at fault).
 """
 
@@ -257,17 +274,8 @@ def create_rest_app(studio: Studio, auth: tuple[str, str] | None = None) -> Fast
                 raise RestError(422, str(exc), parameter=parameter_of(str(exc))) from None
 
         ticket = await run_in_threadpool(submit)
-        ended: asyncio.Event | None = None
-        on_done = None
-        if wait:
-            ended, loop = asyncio.Event(), asyncio.get_running_loop()
-
-            def on_done() -> None:
-                try:
-                    loop.call_soon_threadsafe(ended.set)
-                except RuntimeError:  # the server stopped while the job ran: nobody is waiting
-                    pass
-
+        ended = asyncio.Event() if wait else None
+        on_done = _setter(ended, asyncio.get_running_loop()) if ended is not None else None
         # Every REST job is collected from the runner when it ends (a polled job too); one
         # thread per job in the queue, so at most the queue's size plus one.
         threading.Thread(
