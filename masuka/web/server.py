@@ -9,6 +9,7 @@ from typing import Any
 from masuka.settings import Settings
 from masuka.studio import Studio, build_studio
 from masuka.web.page import create_demo
+from masuka.web.rest import rest_routes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
     # The runner owns the one queue of generation jobs (and its cap, for every way in);
     # Gradio's queue only carries events, none of which waits on another.
     demo.queue(api_open=False, max_size=None, default_concurrency_limit=None)
+    # Passed to the FastAPI constructor of Gradio's app: these routes come before Gradio's own.
+    app_kwargs: dict[str, Any] = {"routes": rest_routes(studio, settings.auth)}  # REST at /api/v1
     kwargs: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,
@@ -82,6 +85,7 @@ def launch(settings: Settings, *, block: bool = True, studio: Studio | None = No
         prevent_thread_lock=not block,
         show_error=True,
         footer_links=["api"],
+        app_kwargs=app_kwargs,
     )
     kwargs.update(launch_kwargs)
     _app, local_url, share_url = demo.launch(**kwargs)
