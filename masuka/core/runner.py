@@ -129,7 +129,7 @@ class Runner:
         self._state = threading.Condition()  # guards _waiting, _running, _tickets, _closed
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: Ticket | None = None
-        self._tickets: dict[str, Ticket] = {}  # every job not yet collected by wait()
+        self._tickets: dict[str, Ticket] = {}  # the jobs waiting or running, by id
         self._worker: threading.Thread | None = None
         self._closed = False
         # Called with the job id once a job's end is recorded (e.g. the history backup).
@@ -264,9 +264,7 @@ class Runner:
         return self.collect(ticket)
 
     def collect(self, ticket: Ticket) -> GenerationResult:
-        """The outcome of an ended job (and forget its ticket)."""
-        with self._state:
-            self._tickets.pop(ticket.job_id, None)
+        """The outcome of an ended job: its result, or JobFailed."""
         return ticket.outcome()
 
     def cancel(self, job_id: str) -> bool:
@@ -320,8 +318,10 @@ class Runner:
         self._finish(ticket)
 
     def _finish(self, ticket: Ticket) -> None:
-        ticket.done.set()
         with self._state:
+            # The caller holds its ticket; the runner forgets ended jobs (the store has them).
+            self._tickets.pop(ticket.job_id, None)
+            ticket.done.set()
             self._state.notify_all()
         self._job_ended(ticket.job_id)
 
