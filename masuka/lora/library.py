@@ -34,7 +34,10 @@ from typing import Any, Callable, Iterable
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
-from masuka.lora.formats import PICKLE_EXTENSIONS
+from masuka.lora.formats import PICKLE_EXTENSIONS, LoraRefused, check_fits, inspect_lora_file
+from masuka.net import safe as netsafe
+from masuka.net import transfers as downloads
+from masuka.net.transfers import cleanup_stale_partials
 from masuka.lora.types import LoraInUse, LoraNotUsable, ResolvedLora, validate_name
 from masuka.settings import DEFAULT_DOWNLOAD_MIN_RATE_KIB, DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_RATE_WINDOW_S
 from masuka.store.atomic import atomic_copy, atomic_write_bytes
@@ -112,8 +115,6 @@ def fit_checker(transformer: Any) -> FitChecker:
     name and size), under which verdicts are kept in the registry.
     """
     import torch
-
-    from masuka.lora.formats import check_fits
 
     shadow = transformer
     try:
@@ -215,16 +216,12 @@ class LoraLibrary:
 
     def _verify(self, file: Path):
         """Inspect a file for the library (size cap, header, completeness, format); raises LoraRefused."""
-        from masuka.lora.formats import LoraRefused, inspect_lora_file
-
         size = file.stat().st_size
         if size > self.max_bytes:
             raise LoraRefused(self._too_big(size))
         return inspect_lora_file(file)
 
     def _judge(self, file: Path, old: LoraRecord | None) -> LoraRecord:
-        from masuka.lora.formats import LoraRefused
-
         st = file.stat()
         name = self._name_of(file)
         if self._unchanged(old, st):
@@ -350,8 +347,6 @@ class LoraLibrary:
 
     def _clean_leftovers(self) -> None:
         """Temp files and staged transfers of killed processes (old, and nobody holds their lock)."""
-        from masuka.net.transfers import cleanup_stale_partials
-
         incoming = self.folder / INCOMING
         cleanup_stale_partials(incoming, STALE_SECONDS, lock_dir=self._download_lock_dir())
         now = time.time()
@@ -515,8 +510,6 @@ class LoraLibrary:
             raise ValueError(f"uploaded file {src.name!r} is missing or not a file")
         size = src.stat().st_size
         if size > self.max_bytes:
-            from masuka.lora.formats import LoraRefused
-
             raise LoraRefused(self._too_big(size))
         staged = self._staging() / f"upload-{uuid.uuid4().hex}{LORA_SUFFIX}"
         verdicts = []
@@ -545,9 +538,6 @@ class LoraLibrary:
         URLRefusedError, AmbiguousSourceError, DownloadTooLargeError) or
         DownloadError; nothing is left behind.
         """
-        from masuka.net import safe as netsafe
-        from masuka.net import transfers as downloads
-
         name = (name or "").strip()
         if name:
             validate_name(name)  # before any transfer
