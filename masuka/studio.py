@@ -134,6 +134,11 @@ class Studio:
         """Cancel the job a browser session has in the runner (never another's); its id or None."""
         return self.runner.cancel_session(session or "")
 
+    def cancel_mine(self, caller: Caller) -> str | None:
+        """Cancel the caller's own job: the one its browser session started and, when the app has
+        a password, only if it is that login's job too.  Its id, or None."""
+        return self.runner.cancel_session(caller.session or "", user=caller.user)
+
     def running_job_id(self) -> str | None:
         return self.runner.running_job_id()
 

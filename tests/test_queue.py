@@ -71,3 +71,13 @@ def test_the_studio_is_frozen(studio):
             setattr(studio, field.name, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         studio.rate_limiter_override = object()  # nothing is bolted on after construction
+
+
+def test_a_session_id_alone_cancels_nothing_of_another_login(studio, gate):
+    """A stranger who learnt Alice's browser session id posts the page's cancel with it."""
+    alice = Caller(user="alice", session="s-alice")
+    mine = studio.submit(studio.validate(prompt="alice's", steps=1), alice)
+    assert studio.cancel_mine(Caller(user="mallory", session="s-alice")) is None
+    assert studio.position(mine.job_id) == 1
+    assert studio.cancel_mine(alice) == mine.job_id
+    assert studio.job(mine.job_id)["status"] == "cancelled"

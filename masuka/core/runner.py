@@ -283,19 +283,25 @@ class Runner:
         self._end_waiting(ticket)
         return True
 
-    def cancel_session(self, session: str) -> str | None:
+    def cancel_session(self, session: str, user: str | None = None) -> str | None:
         """Cancel the newest job of one browser session (never anyone else's): the running one
-        first, else its last waiting one.  Returns the job id, or None."""
+        first, else its last waiting one.  With `user`, the job must be that login's too, so a
+        session id alone (which a stranger might learn) cancels nothing of another login.
+        Returns the job id, or None."""
         if not session:
             return None
+
+        def mine(ticket: Ticket | None) -> bool:
+            return ticket is not None and ticket.session == session and (user is None or ticket.user == user)
+
         with self._state:
             running = self._running
-            if running is not None and running.session == session:
+            if mine(running):
                 running.cancel.set()
                 return running.job_id
-            mine = [t for t in self._waiting if t.session == session]
-        if mine and self.cancel(mine[-1].job_id):
-            return mine[-1].job_id
+            waiting = [t for t in self._waiting if mine(t)]
+        if waiting and self.cancel(waiting[-1].job_id):
+            return waiting[-1].job_id
         return None
 
     def close(self, timeout: float = 30.0) -> None:
