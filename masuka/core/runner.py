@@ -106,6 +106,43 @@ def friendly_error(exc: BaseException) -> str:
     return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
 
 
+class NonFiniteImage(ValueError):
+    """The model's output held NaN or Inf (float16 overflow): no image is kept."""
+
+
+def _check_finite(tensor: Any, what: str, dtype: Any) -> None:
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        hint = (
+            "float16 overflowed: start with --dtype bfloat16 on a GPU that has it (compute capability 8.0+), "
+            "or --dtype float32"
+            if dtype == torch.float16
+            else f"the model computes in {str(dtype).replace('torch.', '')}"
+        )
+        raise NonFiniteImage(f"the {what} came out as NaN/Inf, so no image was saved; {hint}")
+
+
+def decode_latents(pipe: Any, latents: Any, height: int, width: int, dtype: Any) -> Any:
+    """Packed FLUX latents -> one PIL image, like FluxPipeline's own decode, but in the VAE's dtype.
+
+    FluxPipeline hands the latents to the VAE in their own dtype; under float16 the FLUX VAE
+    overflows into NaN/black images (the loader keeps the VAE in float32 there).  Both the
+    latents and the pixels are checked, so a broken image is never saved as completed.
+    """
+    import torch
+
+    _check_finite(latents, "denoised latent", dtype)
+    vae = pipe.vae
+    with torch.inference_mode():
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    pipe.maybe_free_model_hooks()  # under model offload, the VAE goes back to the CPU as the pipeline's would
+    _check_finite(pixels, "decoded image", dtype)
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+
 class Runner:
     def __init__(
         self,
@@ -408,8 +445,9 @@ class Runner:
                         generator=generator,
                         max_sequence_length=self.loaded.defaults.max_sequence_length,
                         callback_on_step_end=step_end,
+                        output_type="latent",  # decoded below, in the VAE's own dtype, and checked
                     )
-                images.append(out.images[0])
+                    images.append(decode_latents(pipe, out.images, request.height, request.width, self.loaded.dtype))
             for index, (image, image_seed) in enumerate(zip(images, ticket.seeds)):
                 meta = image_metadata(ticket.params, seed=image_seed, model=self.loaded.spec, job_id=job_id)
                 saved.append(save_image(image, self.outputs_dir, meta, stem=f"{job_id}-{index}-{image_seed}"))

@@ -305,6 +305,9 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         if isinstance(module, torch.nn.Module):
             module.eval()
     pipe.set_progress_bar_config(disable=True)
+    if dtype == torch.float16 and isinstance(getattr(pipe, "vae", None), torch.nn.Module):
+        # The FLUX VAE overflows in float16 (NaN or black images); it is small, so it runs in float32.
+        pipe.vae.to(torch.float32)
     profile, reason = memory.apply_memory_profile(pipe, choice.profile, device, reason=choice.reason)
     loaded = LoadedModel(
         pipe=pipe,
