@@ -416,3 +416,67 @@ def test_restore_fixes_past_the_gpu_budget_wait_in_cpu_ram_and_restore_exactly()
     fastlora.restore(state)
     for m, w in zip(modules, before):
         assert torch.equal(m.weight.view(torch.int16), w.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "free, reserved, allocated, reserve, expected",
+    [
+        (10 * 2**30, 3 * 2**30, 2 * 2**30, 4 * 2**30, 7 * 2**30),  # free + cached - the job's peak
+        (1 * 2**30, 0, 0, 4 * 2**30, 0),  # a job that needs more than is free: no fix on the GPU
+        (40 * 2**30, 0, 0, 0, 40 * 2**30),
+    ],
+)
+def test_the_fix_budget_follows_free_memory_not_the_card_size(monkeypatch, free, reserved, allocated, reserve, expected):
+    import torch
+
+    from masuka.core import fastlora
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+    assert fastlora.fix_budget_bytes("cuda:0", reserve) == expected
+
+
+@pytest.mark.parametrize(
+    "weight, compute, home",
+    [("cpu", "cuda:0", "cpu"), ("cuda:0", "cuda:0", "cuda:0"), ("cpu", "cpu", "cpu")],
+    ids=["offloaded weights keep their fixes in RAM", "GPU weights", "CPU only"],
+)
+def test_fixes_live_with_the_weights(weight, compute, home):
+    import torch
+
+    from masuka.core import fastlora
+
+    assert fastlora.fix_home(weight, compute) == torch.device(home)
+
+
+def test_fuse_and_restore_ignore_the_process_matmul_precision():
+    """A process that turned TF32 on between fuse and restore still gets its weights back exactly."""
+    import torch
+
+    from masuka.core import fastlora
+
+    torch.manual_seed(1)
+    module = torch.nn.Linear(32, 32).to(torch.bfloat16)
+    before = module.weight.detach().clone()
+    target = fastlora.FuseTarget("m", module)
+    target.terms.append((torch.randn(4, 32), torch.randn(32, 4) * 0.1, 1.0))
+    seen = []
+    real_mm = torch.mm
+
+    def spy(a, b):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_mm(a, b)
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.mm = spy
+        state = fastlora.fuse([target])
+        fastlora.restore(state)
+    finally:
+        torch.mm = real_mm
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {"highest"}
+    assert torch.get_float32_matmul_precision() == previous
+    assert torch.equal(module.weight.view(torch.int16), before.view(torch.int16))

@@ -28,10 +28,20 @@ Three steps:
 
 Measured on an H200 (FLUX.1-dev-sized transformer, bf16, LoRAs on all 456 block linears,
 11.8 B weights; the work is memory-bound): restore 0.096 s; switch (restore + fuse)
-0.33 s rank 16, 0.42 s rank 64, 0.44 s rank 16 + rank 64; rounding fixes kept while
-fused 65 / 166 / 203 MB (0.1-0.3 % of the weights); GPU memory after 30 switches equal
-to after the first.  With weights on the CPU (model offload) and the work on the GPU:
-about 0.25 s per GB of touched weights, each way.
+0.33 s rank 16, 0.42 s rank 64, 0.44 s rank 16 + rank 64; GPU memory after 30 switches
+equal to after the first.  With weights on the CPU (model offload) and the work on the
+GPU: about 0.25 s per GB of touched weights, each way.
+
+What the restore fixes cost: 6 bytes per fixed element (int32 index + the bf16 bits).
+The share of elements that need one follows the LoRA's strength (its change relative to
+each weight), measured on CPU in bf16: about 0.5 / 1.3 / 3.1 / 7.7 % at 0.3 / 1 / 3 / 10 %
+strength, i.e. 0.34 / 0.86 / 2.1 / 5.1 GiB for FLUX.1's 11.9 B touched weights (a change
+as large as the weight itself needs about a third of them).  So the fixes are kept on the
+GPU only within what is free for the job (`fix_budget_bytes`); the rest wait in CPU RAM,
+and under model offload they live with the weights, in CPU RAM.
+
+The delta is always computed at float32 "highest" matmul precision (no TF32), so a
+restore recomputes the same bits as the fuse by construction.
 
 torch and diffusers are imported lazily (nothing heavy at import time).
 """
@@ -39,6 +49,7 @@ torch and diffusers are imported lazily (nothing heavy at import time).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -386,9 +397,46 @@ class _Staging:
         return copy.as_strided(t.size(), t.stride(), t.storage_offset() - base.storage_offset())
 
 
+@contextlib.contextmanager
+def _exact_matmul() -> Iterator[None]:
+    """float32 matmuls at full precision (no TF32) for the length of a fuse or restore, so the
+    two compute the same delta whatever the rest of the process set.  The runner never
+    generates while it fuses or restores, so the switch is not seen by a job."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def fix_budget_bytes(device: Any, reserve_bytes: int) -> int:
+    """GPU bytes the restore fixes of a fuse may take: what is free for this job.
+
+    Free = what the driver reports free plus what PyTorch holds reserved but unused, less
+    ``reserve_bytes`` (the job's own activation peak, from the memory plan); never below 0.
+    """
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(0, int(free + cached - reserve_bytes))
+
+
+def fix_home(weight_device: Any, compute_device: Any) -> Any:
+    """Where a module's fixes live: with the weight (CPU RAM under model offload), else where
+    the work happened."""
+    import torch
+
+    weight_device, compute_device = torch.device(weight_device), torch.device(compute_device)
+    return weight_device if weight_device.type != compute_device.type else compute_device
+
+
 def _delta(terms: Sequence[tuple[Any, Any, float]], device: Any, staging: _Staging) -> Any:
     """sum(scale * up @ down) in float32 on ``device``.  Deterministic: a restore rebuilds
-    the very same tensor the fuse used."""
+    the very same tensor the fuse used (both run under `_exact_matmul`)."""
     import torch
 
     downs = [staging.on(d, device).to(torch.float32) for d, _, _ in terms]
@@ -422,7 +470,10 @@ def _fuse_one(
     del back
     index = wrong.to(torch.int32) if original_bits.numel() < 2**31 else wrong
     value = original_bits[wrong]
-    if budget is not None and device.type == "cuda":
+    home = fix_home(weight.device, device)
+    if home != device:  # offloaded weights: the fixes wait beside them, in CPU RAM
+        index, value = index.to(home), value.to(home)
+    elif budget is not None and device.type == "cuda":
         index, value = budget.place(index, value)
     weight.data.copy_(fused)
     return _FusedModule(target.name, target.module, target.terms, device, index, value, checksum)
@@ -468,7 +519,7 @@ def fuse(
     staging = _Staging()
     budget = _FixBudget(fix_gpu_bytes) if fix_gpu_bytes is not None else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _exact_matmul():
             for target in targets:
                 state.modules.append(_fuse_one(target, compute_device, verify, staging, budget))
         if budget is not None and budget.spilled:
@@ -505,7 +556,7 @@ def restore(state: FusedState) -> None:
 
     expected, got, names = [], [], []
     staging = _Staging()
-    with torch.no_grad():
+    with torch.no_grad(), _exact_matmul():
         for m in reversed(state.modules):
             checksum = _restore_one(m, staging)
             if checksum is not None:

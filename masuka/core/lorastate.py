@@ -23,9 +23,6 @@ from masuka.lora.types import LoraResolver, ResolvedLora
 
 log = logging.getLogger(__name__)
 
-# Share of the GPU's memory the restore fixes of a fused LoRA may take (about 8 GB on an
-# 80 GB card); a stronger LoRA keeps the rest of its fixes in CPU RAM.
-FIX_GPU_FRACTION = 0.10
 
 
 class Strategy(str, enum.Enum):
@@ -76,11 +73,13 @@ class LoraState:
         }
 
     # ---- the one transition ------------------------------------------------
-    def apply(self, choices: tuple[LoraChoice, ...]) -> None:
+    def apply(self, choices: tuple[LoraChoice, ...], *, reserve_bytes: int = 0) -> None:
         """Make the pipeline hold exactly the requested LoRAs at the requested scales.
 
         Fast path first; a LoRA it cannot express sends the whole set through adapters.
-        A LoRA that does not fit is refused before any weight changes.
+        A LoRA that does not fit is refused before any weight changes.  ``reserve_bytes``
+        is the GPU memory the coming job needs beside the weights (its activation peak):
+        restore fixes never take it.
         """
         wanted: Wanted = {}
         for choice in choices:
@@ -97,13 +96,17 @@ class LoraState:
         self._fallback_reason = resolution.fallback_reason
         if resolution.fallback_reason is not None:
             log.info("LoRA fast path not used (%s): diffusers adapters", resolution.fallback_reason)
+            for lora, _scale in wanted.values():  # no pinned plan is kept for what is never fused
+                self._cache.forget(lora.sha256, kinds=("plan",))
             self._apply_adapters(wanted)
             return
         self.clear()
         try:
             # fuse() restores what it fused so far before an exception leaves it.
             self._fused = fastlora.fuse(
-                resolution.targets, compute_device=self._fuse_device(), fix_gpu_bytes=self._fix_gpu_budget()
+                resolution.targets,
+                compute_device=self._fuse_device(),
+                fix_gpu_bytes=self._fix_gpu_budget(reserve_bytes),
             )
         except Exception:
             log.warning("LoRA fuse failed; the pipeline holds no LoRA")
@@ -141,14 +144,12 @@ class LoraState:
         plans = [(self._cache.get_plan(lora, build), scale) for lora, scale in wanted.values()]
         return fastlora.resolve_targets(fastlora.pipeline_components(self._pipe), plans)
 
-    def _fix_gpu_budget(self) -> int | None:
-        """GPU bytes the exact-restore fixes may hold (the rest waits in CPU RAM)."""
-        import torch
-
+    def _fix_gpu_budget(self, reserve_bytes: int) -> int | None:
+        """GPU bytes the exact-restore fixes may hold: what is free for this job (the rest waits in CPU RAM)."""
         device = self._fuse_device()
         if device is None:
             return None
-        return int(FIX_GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+        return fastlora.fix_budget_bytes(device, reserve_bytes)
 
     def _fuse_device(self) -> Any:
         """The GPU when there is one (weights offloaded to the CPU are fused there too)."""

@@ -81,7 +81,7 @@ class LoraStateCache:
                 total -= old_size
                 log.debug("LoRA cache evicted %s %s (%d bytes)", kind, old_sha[:12], old_size)
 
-    def forget(self, sha256: str) -> None:
+    def forget(self, sha256: str, kinds: tuple[str, ...] = ("raw", "plan")) -> None:
         with self._lock:
-            for kind in ("raw", "plan"):
+            for kind in kinds:
                 self._items.pop((kind, sha256), None)
