@@ -259,6 +259,7 @@ def test_password_guessing_slows_down_then_locks_the_login(shared_app, fresh_log
     login name is locked for everyone who is not yet logged in, right password included."""
     url, _studio, clock, policy = shared_app
     session = logged_in(url)  # a friend, logged in before the attack
+    assert _guess(through_relay(url, "198.51.100.50"), USER, PASSWORD)[0] == 200  # another, from home
     caplog.set_level(logging.WARNING, logger="masuka")
     results = []
     for i in range(policy.lockout_failures):
@@ -270,6 +271,8 @@ def test_password_guessing_slows_down_then_locks_the_login(shared_app, fresh_log
     assert locked == 429, "the right password went through a locked login"
     assert any("login lockout" in r.getMessage() and "alice" in r.getMessage() for r in caplog.records)
     assert session.get("config").status_code == 200, "the lockout ended a session already logged in"
+    assert _guess(through_relay(url, "198.51.100.50"), USER, PASSWORD)[0] == 200, "a friend's address was kept out"
+    assert _guess(through_relay(url, "198.51.100.50"), USER, "typo")[0] == 400
     clock.now += policy.window_s + policy.lockout_s + 1
     assert _guess(through_relay(url, "198.51.100.9"), USER, PASSWORD)[0] == 200
 
@@ -406,3 +409,27 @@ def test_a_share_link_has_a_rate_limit_by_default(argv, env, expected):
     from masuka.settings import parse_settings
 
     assert parse_settings(argv, env=env).rate_limit_per_minute == expected
+
+
+def test_login_guard_as_the_rest_api_uses_it():
+    """Basic auth on every REST call: check, then succeeded/failed; a lockout says when to come back."""
+    from masuka.web.guards import LoginGuard, LoginLocked, LoginPolicy
+
+    clock = Clock()
+    guard = LoginGuard(LoginPolicy(free_failures=2, lockout_failures=4, window_s=60, lockout_s=300), clock=clock)
+    for _ in range(3):  # a script with the right password, many calls: never slowed
+        assert guard.check("192.0.2.1", USER) == 0.0
+        guard.succeeded("192.0.2.1", USER)
+    delays = []
+    for _ in range(4):
+        delays.append(guard.check("192.0.2.2", USER))
+        guard.failed("192.0.2.2", USER)
+    assert delays[:2] == [0.0, 0.0] and 0 < delays[2] < delays[3]
+    with pytest.raises(LoginLocked) as locked:
+        guard.check("192.0.2.3", USER)  # the name is locked, from a new address too
+    assert 299 <= locked.value.retry_after_s <= 300
+    assert guard.check("192.0.2.1", USER) == 0.0  # an address that logged in before is let through
+    guard.succeeded("192.0.2.1", USER)
+    clock.now += 301
+    assert guard.check("192.0.2.3", USER) == 0.0
+    guard.succeeded("192.0.2.3", USER)

@@ -184,6 +184,7 @@ class LoginPolicy:
     lockout_s: float = 15 * 60
     first_delay_s: float = 1.0  # the wait after `free_failures`, doubling per failure
     max_delay_s: float = 16.0
+    known_s: float = 24 * 3600  # an address that logged in is not held by a user-name lockout this long
 
 
 @dataclass
@@ -191,6 +192,7 @@ class _Record:
     failures: deque = field(default_factory=deque)
     pending: int = 0
     locked_until: float = 0.0
+    known_until: float = 0.0  # address records: the last success, plus `known_s`
 
 
 class LoginGuard:
@@ -207,7 +209,9 @@ class LoginGuard:
     Every `check` must be followed by exactly one `succeeded` or `failed`.  A try in
     flight counts as a failure until it ends, so parallel guesses cannot outrun the
     lockout.  A success clears the address's failures, not the user name's (an
-    attacker's guesses at the shared login stay counted).  Thread-safe.
+    attacker's guesses at the shared login stay counted), and lets that address past
+    a user-name lockout for a day: an attack on the shared login name keeps out new
+    addresses, not the friends who logged in before.  Thread-safe.
     """
 
     def __init__(
@@ -219,12 +223,22 @@ class LoginGuard:
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _keys(address: str | None, user: str | None) -> list[str]:
+    def _keys(self, address: str | None, user: str | None, now: float) -> list[str]:
+        """The address's key, and the user name's unless this address logged in lately."""
         keys = [f"address {address or 'unknown'}"]
-        if user:
+        known = self._records.get(keys[0])
+        if user and (known is None or known.known_until <= now):
             keys.append(f"user {user[:256]!r}")
         return keys
+
+    def _end_try(self, address: str | None, user: str | None, now: float) -> list[tuple[str, _Record]]:
+        """Take the try `check` counted off both keys (whether or not the address became
+        known meanwhile: a count left behind would never leave); the keys it now counts on."""
+        for key in (f"address {address or 'unknown'}", f"user {(user or '')[:256]!r}"):
+            record = self._records.get(key)
+            if record is not None:
+                record.pending = max(0, record.pending - 1)
+        return [(key, self._record(key, now)) for key in self._keys(address, user, now)]
 
     def _record(self, key: str, now: float) -> _Record:
         record = self._records.get(key)
@@ -252,7 +266,7 @@ class LoginGuard:
         p = self.policy
         with self._lock:
             now = self._clock()
-            records = [(key, self._record(key, now)) for key in self._keys(address, user)]
+            records = [(key, self._record(key, now)) for key in self._keys(address, user, now)]
             for key, record in records:
                 if record.locked_until > now:
                     wait = record.locked_until - now
@@ -271,9 +285,7 @@ class LoginGuard:
         p = self.policy
         with self._lock:
             now = self._clock()
-            for key in self._keys(address, user):
-                record = self._record(key, now)
-                record.pending = max(0, record.pending - 1)
+            for key, record in self._end_try(address, user, now):
                 record.failures.append(now)
                 if len(record.failures) >= p.lockout_failures and record.locked_until <= now:
                     record.locked_until = now + p.lockout_s
@@ -286,11 +298,10 @@ class LoginGuard:
         """The try that `check` counted had the right password: the address starts afresh."""
         with self._lock:
             now = self._clock()
-            for key in self._keys(address, user):
-                record = self._record(key, now)
-                record.pending = max(0, record.pending - 1)
+            for key, record in self._end_try(address, user, now):
                 if key.startswith("address "):
                     record.failures.clear()
+                    record.known_until = now + self.policy.known_s
 
 
 def client_address(scope: Scope, *, trust_forwarded: bool) -> str | None:
@@ -556,7 +567,7 @@ class GuardMiddleware:
         policy = self.guards.uploads
         headers = Headers(scope=scope)
         length = headers.get("content-length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             await _plain(send, 411, "uploads need a Content-Length", {"Connection": "close"})
             return
         length = int(length)
