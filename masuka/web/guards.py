@@ -552,6 +552,7 @@ class GuardMiddleware:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
             await send(message)
+
         try:
             if delay:
                 await asyncio.sleep(delay)
