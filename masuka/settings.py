@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -25,6 +26,12 @@ DEFAULT_DOWNLOAD_MIN_RATE_KIB = 50.0  # KiB/s averaged over the window; 0 = no m
 DEFAULT_RATE_WINDOW_S = 30.0  # the rate is first checked after one full window
 MEMORY_PROFILES = ("auto", "full", "offload", "lowvram", "quantized")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+SHARED_RATE_LIMIT = 10  # generations per login per minute when a share link is open and none is set
+UPLOAD_MAX_FILES = 4
+UPLOAD_OTHER_MAX_MB = 64  # uploads that are not LoRA files (.safetensors)
+UPLOAD_QUOTA_LORAS = 4  # the upload folder holds at most this many LoRA size caps
+UPLOAD_EXPIRY_MIN = 120
+_HOST_ENTRY = re.compile(r"\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[?[0-9a-f:.]+\]?")
 
 
 @dataclass(frozen=True)
@@ -92,10 +99,21 @@ class Settings:
     loras_dir: Path | None = None
     outputs_dir: Path | None = None
     db_backup: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback, --host and the share link
+    upload_max_files: int = UPLOAD_MAX_FILES  # files in one upload request
+    upload_other_max_bytes: int = UPLOAD_OTHER_MAX_MB * 1024**2  # an upload that is not a .safetensors file
+    upload_quota_bytes: int | None = None  # uploads kept at once; None = UPLOAD_QUOTA_LORAS x lora_max_bytes
+    upload_expiry_s: int = UPLOAD_EXPIRY_MIN * 60  # uploads (and Gradio's copies of images) older than this go
 
     @property
     def paths(self) -> Paths:
         return Paths(self.home, self.loras_dir, self.outputs_dir, self.db_backup)
+
+    @property
+    def upload_quota(self) -> int:
+        if self.upload_quota_bytes is not None:
+            return self.upload_quota_bytes
+        return UPLOAD_QUOTA_LORAS * self.lora_max_bytes
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -106,6 +124,21 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise ValueError("auth must look like USER:PASS with a non-empty user and password")
     return user, password
+
+
+def parse_allowed_hosts(value: str | None) -> tuple[str, ...]:
+    """`a.example,*.lan,10.0.0.5` -> ("a.example", "*.lan", "10.0.0.5"); `*` allows any Host."""
+    hosts = []
+    for entry in (value or "").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if not _HOST_ENTRY.fullmatch(entry):
+            raise ValueError(
+                f"allowed host {entry!r} is not a host name, *.domain, an address or *; no scheme, port or path"
+            )
+        hosts.append(entry)
+    return tuple(hosts)
 
 
 def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
@@ -197,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit",
         type=int,
         default=None,
-        help="max generations per user per minute, 0 = unlimited. Env: MASUKA_RATE_LIMIT. Default: 0",
+        help="max generations per user per minute, 0 = unlimited. Env: MASUKA_RATE_LIMIT. "
+        f"Default: {SHARED_RATE_LIMIT} with a share link, else 0",
     )
     p.add_argument(
         "--lora-max-mb",
@@ -218,6 +252,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="KiB/s a LoRA download from a link must average over 30 s (checked after the first 30 s), "
         f"0 = no minimum. Env: MASUKA_DOWNLOAD_MIN_RATE. Default: {DEFAULT_DOWNLOAD_MIN_RATE_KIB:g}",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host names the app also answers to (e.g. a reverse proxy's name, *.lan); "
+        "loopback names, the --host address (any address with 0.0.0.0) and the share link always work; "
+        "* turns the check off. Env: MASUKA_ALLOWED_HOSTS. Default: none",
+    )
+    p.add_argument(
+        "--upload-quota-mb",
+        type=int,
+        default=None,
+        help="MB of uploads kept at once (a fuller folder refuses uploads until old ones expire). "
+        f"Env: MASUKA_UPLOAD_QUOTA_MB. Default: {UPLOAD_QUOTA_LORAS} x --lora-max-mb",
+    )
+    p.add_argument(
+        "--upload-max-mb",
+        type=int,
+        default=None,
+        help="largest upload that is not a LoRA (.safetensors) file. Env: MASUKA_UPLOAD_MAX_MB. "
+        f"Default: {UPLOAD_OTHER_MAX_MB}",
+    )
+    p.add_argument(
+        "--upload-max-files",
+        type=int,
+        default=None,
+        help=f"files in one upload request. Env: MASUKA_UPLOAD_MAX_FILES. Default: {UPLOAD_MAX_FILES}",
+    )
+    p.add_argument(
+        "--upload-expiry-min",
+        type=int,
+        default=None,
+        help="minutes before uploads (and Gradio's copies of shown images) are deleted. "
+        f"Env: MASUKA_UPLOAD_EXPIRY_MIN. Default: {UPLOAD_EXPIRY_MIN}",
     )
     return p
 
@@ -249,6 +317,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         # so the password check sees the same decision Gradio would make.
         share = on_colab(env)
     lora_mb = _pick(args.lora_max_mb, env, "MASUKA_LORA_MAX_MB", DEFAULT_LORA_MAX_BYTES // 1024**2, int)
+    quota_mb = _pick(args.upload_quota_mb, env, "MASUKA_UPLOAD_QUOTA_MB", None, int)
     settings = Settings(
         model=_pick(args.model, env, "MASUKA_MODEL", TINY_MODEL_ID),
         base_model=_pick(args.base_model, env, "MASUKA_BASE_MODEL", ""),
@@ -262,7 +331,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         memory=_pick(args.memory, env, "MASUKA_MEMORY", "auto"),
         compile=bool(args.compile or _env_flag(env, "MASUKA_COMPILE")),
         queue_size=_pick(args.queue_size, env, "MASUKA_QUEUE_SIZE", 20, int),
-        rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", 0, int),
+        # A share link reaches strangers' browsers: one login should not hold the GPU by default.
+        rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", SHARED_RATE_LIMIT if share else 0, int),
         lora_max_bytes=int(lora_mb) * 1024**2,
         allow_private_urls=bool(_env_flag(env, "MASUKA_ALLOW_PRIVATE_URLS")),
         download_timeout_s=_pick(
@@ -274,6 +344,12 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         loras_dir=_optional_path(_pick(args.loras_dir, env, "MASUKA_LORAS_DIR", None)),
         outputs_dir=_optional_path(_pick(args.outputs_dir, env, "MASUKA_OUTPUTS_DIR", None)),
         db_backup=_optional_path(_pick(args.db_backup, env, "MASUKA_DB_BACKUP", None)),
+        allowed_hosts=parse_allowed_hosts(_pick(args.allowed_hosts, env, "MASUKA_ALLOWED_HOSTS", "")),
+        upload_max_files=_pick(args.upload_max_files, env, "MASUKA_UPLOAD_MAX_FILES", UPLOAD_MAX_FILES, int),
+        upload_other_max_bytes=_pick(args.upload_max_mb, env, "MASUKA_UPLOAD_MAX_MB", UPLOAD_OTHER_MAX_MB, int)
+        * 1024**2,
+        upload_quota_bytes=None if quota_mb is None else int(quota_mb) * 1024**2,
+        upload_expiry_s=_pick(args.upload_expiry_min, env, "MASUKA_UPLOAD_EXPIRY_MIN", UPLOAD_EXPIRY_MIN, int) * 60,
     )
     validate_settings(settings)
     return settings
@@ -294,6 +370,19 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError(f"db backup {settings.db_backup} is the database itself; pick another file")
     if settings.lora_max_bytes < 1024**2:
         raise ValueError(f"LoRA size cap {settings.lora_max_bytes // 1024**2} MB must be at least 1 MB")
+    if settings.upload_max_files < 1:
+        raise ValueError(f"upload file count {settings.upload_max_files} (--upload-max-files) must be at least 1")
+    if settings.upload_other_max_bytes < 1024**2:
+        raise ValueError(
+            f"upload size cap {settings.upload_other_max_bytes // 1024**2} MB (--upload-max-mb) must be at least 1 MB"
+        )
+    if settings.upload_quota < settings.lora_max_bytes:
+        raise ValueError(
+            f"upload quota {settings.upload_quota // 1024**2} MB (--upload-quota-mb) is below the LoRA size cap "
+            f"{settings.lora_max_bytes // 1024**2} MB: no LoRA of the largest size could be uploaded"
+        )
+    if settings.upload_expiry_s < 1:
+        raise ValueError(f"upload expiry {settings.upload_expiry_s} s (--upload-expiry-min) must be at least 1 minute")
     for what, value in (
         ("download timeout (--download-timeout)", settings.download_timeout_s),
         ("download minimum rate (--download-min-rate)", settings.download_min_rate_kib),
