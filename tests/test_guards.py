@@ -287,6 +287,20 @@ def test_one_address_guessing_many_names_is_locked(shared_app, fresh_logins):
     assert _guess(through_relay(url, "192.0.2.67"), USER, PASSWORD)[0] == 200  # another visitor
 
 
+def test_rest_basic_auth_guesses_count_with_the_page_logins(shared_app, fresh_logins):
+    """The REST API checks the same password: its wrong guesses slow down and lock like the page's."""
+    url, _studio, _clock, policy = shared_app
+    friend = through_relay(url, "192.0.2.78")
+    assert friend.get("api/v1/loras", auth=(USER, PASSWORD)).status_code == 200  # before the attack
+    rest = through_relay(url, "192.0.2.77")
+    codes = [rest.get("api/v1/loras", auth=(USER, f"guess-{i}")).status_code for i in range(policy.lockout_failures)]
+    assert codes == [401] * policy.lockout_failures
+    locked = rest.get("api/v1/loras", auth=(USER, PASSWORD))
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) > 0
+    assert _guess(through_relay(url, "192.0.2.77"), USER, PASSWORD)[0] == 429  # the page's login too
+    assert friend.get("api/v1/loras", auth=(USER, PASSWORD)).status_code == 200  # known addresses keep working
+
+
 def test_parallel_guesses_cannot_outrun_the_lockout(shared_app, fresh_logins):
     import concurrent.futures
 

@@ -33,6 +33,7 @@ from masuka.core.ratelimit import RateLimited
 from masuka.core.runner import JobFailed, QueueFull, Ticket
 from masuka.store.jobs import JOB_STATUSES, JobNotFound
 from masuka.studio import Caller, NotYourJob, Studio
+from masuka.web.guards import LoginGuard, LoginLocked, client_address
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,35 @@ class BasicAuth:
     A middleware rather than a dependency, so a caller without the password gets 401
     before anything else is read (the body, the path: an unknown route is 401 too)."""
 
-    def __init__(self, app: ASGIApp, auth: tuple[str, str]):
+    def __init__(
+        self, app: ASGIApp, auth: tuple[str, str], login: LoginGuard | None = None, trust_forwarded: bool = False
+    ):
         self.app, self.auth = app, auth
+        self.login = login or LoginGuard()  # the page's guard when launched: one count of failures
+        self.trust_forwarded = trust_forwarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        given = _credentials(header or "")
+        address = client_address(scope, trust_forwarded=self.trust_forwarded)
+        claimed = given[0] if given else None
+        try:
+            delay = self.login.check(address, claimed)  # repeated failures: slower, then refused
+        except LoginLocked as exc:
+            await JSONResponse(
+                {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(math.ceil(exc.retry_after_s))}
+            )(scope, receive, send)
+            return
+        if delay:
+            await asyncio.sleep(delay)
         user = login_matches(header, self.auth)
+        if user is None:
+            self.login.failed(address, claimed)
+        else:
+            self.login.succeeded(address, claimed)
         if user is None:
             response = JSONResponse(
                 {"detail": "this API needs the app's user name and password (HTTP basic auth)"},
@@ -216,7 +237,13 @@ HTTP basic auth with it.  Errors are `{"detail": "...", "parameter": "..."}`
 """
 
 
-def create_rest_app(studio: Studio, auth: tuple[str, str] | None = None) -> FastAPI:
+def create_rest_app(
+    studio: Studio,
+    auth: tuple[str, str] | None = None,
+    *,
+    login: LoginGuard | None = None,
+    trust_forwarded: bool = False,
+) -> FastAPI:
     """The REST app (mount it at /api/v1); `auth` is the app's (user, password) or None."""
     app = FastAPI(
         title="MASUKA REST API",
@@ -227,7 +254,7 @@ def create_rest_app(studio: Studio, auth: tuple[str, str] | None = None) -> Fast
         redoc_url=None,
     )
     if auth is not None:
-        app.add_middleware(BasicAuth, auth=auth)
+        app.add_middleware(BasicAuth, auth=auth, login=login, trust_forwarded=trust_forwarded)
 
     @app.exception_handler(RestError)
     async def _rest_error(_request: Request, exc: RestError) -> JSONResponse:
@@ -348,9 +375,15 @@ def create_rest_app(studio: Studio, auth: tuple[str, str] | None = None) -> Fast
     return app
 
 
-def rest_routes(studio: Studio, auth: tuple[str, str] | None = None) -> list[BaseRoute]:
+def rest_routes(
+    studio: Studio,
+    auth: tuple[str, str] | None = None,
+    *,
+    login: LoginGuard | None = None,
+    trust_forwarded: bool = False,
+) -> list[BaseRoute]:
     """The routes to hand Gradio's app (`launch(app_kwargs={"routes": ...})`): the REST app at /api/v1.
 
     Gradio registers routes given this way before its own, so /api/v1 is never
     shadowed by Gradio's catch-all routes."""
-    return [Mount(PREFIX, app=create_rest_app(studio, auth))]
+    return [Mount(PREFIX, app=create_rest_app(studio, auth, login=login, trust_forwarded=trust_forwarded))]

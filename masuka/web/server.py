@@ -112,16 +112,19 @@ def launch(
         demo.delete_cache = cache_expiry(settings.upload_expiry_s)
     guards = build_guards(settings, demo, login_guard)
     extra_app_kwargs = launch_kwargs.pop("app_kwargs", None) or {}
-    # Gradio passes these to its FastAPI app: the guards run before any Gradio route.
+    # Gradio passes these to the FastAPI constructor of its app: the guards run before any
+    # Gradio route, and the REST routes (at /api/v1) come before Gradio's own.
     app_kwargs: dict[str, Any] = {
         **extra_app_kwargs,
         "middleware": [guards.middleware(), *extra_app_kwargs.get("middleware", [])],
+        "routes": [
+            *rest_routes(studio, settings.auth, login=guards.login, trust_forwarded=settings.share),
+            *extra_app_kwargs.get("routes", []),
+        ],
     }
     # The runner owns the one queue of generation jobs (and its cap, for every way in);
     # Gradio's queue only carries events, none of which waits on another.
     demo.queue(api_open=False, max_size=None, default_concurrency_limit=None)
-    # Passed to the FastAPI constructor of Gradio's app: these routes come before Gradio's own.
-    app_kwargs: dict[str, Any] = {"routes": rest_routes(studio, settings.auth)}  # REST at /api/v1
     kwargs: dict[str, Any] = dict(
         server_name=settings.host,
         server_port=settings.port,
