@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     home = seed_home(tmp_path_factory.mktemp("home"), tiny_model_dir)
-    live = launch_app(Settings(home=home, allow_private_urls=True))
+    # A short overall deadline: every honest transfer here is local and takes milliseconds.
+    live = launch_app(Settings(home=home, allow_private_urls=True, download_timeout_s=3))
     yield live
     live.demo.close()
     live.studio.close()
@@ -68,6 +69,17 @@ def test_add_by_link_list_use_delete(app, client, server, tmp_path):
     assert not (app.manager.loras.folder / "ink.safetensors").exists()
     with pytest.raises(AppError, match="not in the library"):
         client.predict(name="ink", api_name="/delete_lora")
+
+
+def test_a_trickling_link_does_not_hold_a_download_slot(app, client, server):
+    """A server that sends one byte at a time is given up at the deadline, leaving nothing behind."""
+    url = server.add("/trickle.safetensors", b"x" * 4096, chunk=1, delay=0.05)  # 200 s for the whole body
+    started = time.monotonic()
+    with pytest.raises(AppError, match="took longer than 3 s"):
+        client.predict(source=url, name="trickle", api_name="/add_lora")
+    assert time.monotonic() - started < 30
+    assert not [n for n in leftovers(app.studio.lora_folder) if "trickle" in n or n.endswith(".incomplete")]
+    assert "trickle" not in [r["name"] for r in client.predict(api_name="/loras")]
 
 
 def test_add_by_upload(app, client, tmp_path):

@@ -524,3 +524,31 @@ def test_job_and_cancel_of_a_job_that_does_not_exist(module_app, job_id):
 def test_still_serving_after_the_strangers(module_app):
     _images, record = module_app.client().predict(prompt="after all that", steps=1, api_name="/generate")
     assert record["status"] == "completed"
+
+
+def test_leftovers_of_a_crash_while_saving_are_never_served(settings):
+    """kill -9 while saving leaves an image no job lists and a temp file; the next start removes them."""
+    import datetime
+
+    from masuka.store.jobs import JobStore, ProcessOwner
+
+    me = ProcessOwner.current()
+    crashed_owner = ProcessOwner(pid=me.pid, host=me.host, started_at=me.started_at - 1000.0)  # a dead process
+    settings.paths.create()
+    with JobStore(settings.paths.db, owner=crashed_owner) as store:
+        job_id = store.create(params={"prompt": "saving when killed"}, loras=[])
+    day = settings.paths.outputs / datetime.date.today().isoformat()
+    day.mkdir(parents=True, exist_ok=True)
+    image = day / f"{job_id}-0-7.png"
+    partial = day / f".{job_id}-1-8.png.x1y2.partial"
+    for leftover in (image, partial):
+        leftover.write_bytes(b"\x89PNG" + b"\0" * 10_000)
+    app = launch_app(settings)
+    try:
+        assert app.studio.job(job_id)["status"] == "interrupted"
+        for leftover in (image, partial):
+            r = httpx.get(f"{app.url}gradio_api/file={leftover}", timeout=30)
+            assert r.status_code in (403, 404), f"{leftover.name} answered {r.status_code}"
+            assert not leftover.exists()
+    finally:
+        close(app)
