@@ -53,7 +53,8 @@ def add_peft(manager, name: str, seed: int, **kw) -> None:
 
 
 def image(manager, lora: str = "", **kw) -> np.ndarray:
-    request = manager.validate(prompt="a lighthouse at dusk", seed=7, steps=2, lora=lora, **kw)
+    kw = {"prompt": "a lighthouse at dusk", "seed": 7, "steps": 2} | kw
+    request = manager.validate(lora=lora, **kw)
     return pixels(manager.generate(request).images[0])
 
 
@@ -82,6 +83,8 @@ def test_compiled_model_never_recompiles_across_lora_switches_and_matches_eager(
     assert backend.graphs == 2, f"{backend.graphs - 2} recompiles over {len(SWITCHES)} LoRA switches"
     assert compiled.compiled_graphs() == graphs
     assert transformer_tensors(manager.pipe) == tensors  # fused in place: the graph's own tensors
+    image(manager, "b", steps=3, guidance=5.0)  # other steps and guidance: tensors' values, same graphs
+    assert backend.graphs == 2
 
     # What the docs say about sizes: a second size compiles once (the size becomes dynamic), a third never.
     image(manager, width=512, height=256)

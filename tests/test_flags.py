@@ -80,6 +80,7 @@ ROWS = (
         "dtype", ("--dtype", "float16"), {"MASUKA_DTYPE": "float16"}, "float16"),
     Row(("--memory", "MASUKA_MEMORY"),
         ("test_memory.py::test_quantized_load_on_cpu_is_refused",
+         "test_memory.py::test_cuda_profiles_are_refused_on_cpu_with_what_to_use",
          "test_memory.py::test_auto_load_on_a_t4_refuses_before_reading_weights",
          "test_memory.py::test_lora_leaves_the_pipeline_where_its_profile_put_it"),
         "memory", ("--memory", "offload"), {"MASUKA_MEMORY": "offload"}, "offload"),
