@@ -25,6 +25,7 @@ DEFAULT_DOWNLOAD_TIMEOUT_S = 30 * 60.0  # overall, per download; 0 = no limit
 DEFAULT_DOWNLOAD_MIN_RATE_KIB = 50.0  # KiB/s averaged over the window; 0 = no minimum
 DEFAULT_RATE_WINDOW_S = 30.0  # the rate is first checked after one full window
 MEMORY_PROFILES = ("auto", "full", "offload", "lowvram", "quantized")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SHARED_RATE_LIMIT = 10  # generations per login per minute when a share link is open and none is set
 UPLOAD_MAX_FILES = 4
@@ -224,7 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         "requirements-gpu.txt), auto (picked from GPU memory and RAM, and says why). "
         "See docs/memory-profiles.md. Env: MASUKA_MEMORY. Default: auto",
     )
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer's repeated blocks")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the transformer's repeated blocks at start, with a warm-up image at the default "
+        "size; needs memory profile full or offload; LoRAs that cannot be fused into the weights are refused. "
+        "Env: MASUKA_COMPILE",
+    )
     p.add_argument("--queue-size", type=int, default=None, help="max jobs waiting in the queue. Env: MASUKA_QUEUE_SIZE. Default: 20")
     p.add_argument(
         "--rate-limit",
@@ -356,6 +364,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
 
 
 def validate_settings(settings: Settings) -> None:
+    if not _DEVICE.match(settings.device):
+        raise ValueError(f"device {settings.device!r} is not one of auto, cpu, cuda or cuda:N")
     if settings.dtype not in DTYPES:
         raise ValueError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
     if settings.memory not in MEMORY_PROFILES:
@@ -401,7 +411,15 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not _DEVICE.match(device):
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda or cuda:N")
     dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} was asked for, but torch sees {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
     if dtype != "auto":
         return dev, getattr(torch, dtype)
     if dev.type == "cuda":

@@ -20,9 +20,13 @@ from masuka.core import fastlora
 from masuka.core.requests import LoraChoice
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.types import LoraResolver, ResolvedLora
+from masuka.model.compiled import is_compiled
 
 log = logging.getLogger(__name__)
 
+
+class NeedsEagerModel(ValueError):
+    """A LoRA only peft adapters can apply, refused while the transformer is compiled."""
 
 
 class Strategy(str, enum.Enum):
@@ -93,6 +97,8 @@ class LoraState:
             self.clear()
             return
         resolution = self._resolve_fast(wanted)  # may refuse; nothing is touched yet
+        if resolution.fallback_reason is not None:
+            self._refuse_if_compiled(wanted, resolution.fallback_reason)  # nothing is touched yet
         self._fallback_reason = resolution.fallback_reason
         if resolution.fallback_reason is not None:
             log.info("LoRA fast path not used (%s): diffusers adapters", resolution.fallback_reason)
@@ -132,17 +138,33 @@ class LoraState:
 
     # ---- internals -----------------------------------------------------------
     def _resolve_fast(self, wanted: Wanted) -> fastlora.Resolution:
-        pin = self._fuse_device() is not None
-
-        def build(state: dict[str, Any]) -> fastlora.FusePlan:
-            try:
-                return fastlora.build_plan(state, pin=pin)
-            except Exception as exc:  # diffusers' adapter path gives the real error, if any
-                log.warning("LoRA fast-path conversion failed (%s: %s)", type(exc).__name__, exc)
-                return fastlora.FusePlan((), f"conversion failed: {type(exc).__name__}")
-
-        plans = [(self._cache.get_plan(lora, build), scale) for lora, scale in wanted.values()]
+        plans = [(self._cached_plan(lora), scale) for lora, scale in wanted.values()]
         return fastlora.resolve_targets(fastlora.pipeline_components(self._pipe), plans)
+
+    def _build_plan(self, state: dict[str, Any]) -> fastlora.FusePlan:
+        try:
+            return fastlora.build_plan(state, pin=self._fuse_device() is not None)
+        except Exception as exc:  # diffusers' adapter path gives the real error, if any
+            log.warning("LoRA fast-path conversion failed (%s: %s)", type(exc).__name__, exc)
+            return fastlora.FusePlan((), f"conversion failed: {type(exc).__name__}")
+
+    def _refuse_if_compiled(self, wanted: Wanted, reason: str) -> None:
+        """Under --compile only fused LoRAs are served: peft adapters would change the compiled
+        blocks (a recompile per change, and peft's hotswap cannot take what the fast path
+        cannot fuse either: LyCORIS/LoKr, DoRA, bias or norm keys, widened layers)."""
+        transformer = getattr(self._pipe, "transformer", None)
+        if transformer is None or not is_compiled(transformer):
+            return
+        culprits = [lora.name for lora, _ in wanted.values() if not self._cached_plan(lora).fusable]
+        names = ", ".join(repr(n) for n in (culprits or [lora.name for lora, _ in wanted.values()]))
+        raise NeedsEagerModel(
+            f"LoRA {names} cannot be used while the model is compiled (--compile): the fast path cannot "
+            f"fuse it ({reason}), and loading it as an adapter would recompile the model; start the app "
+            "without --compile to use it"
+        )
+
+    def _cached_plan(self, lora: ResolvedLora) -> fastlora.FusePlan:
+        return self._cache.get_plan(lora, self._build_plan)
 
     def _fix_gpu_budget(self, reserve_bytes: int) -> int | None:
         """GPU bytes the exact-restore fixes may hold: what is free for this job (the rest waits in CPU RAM)."""

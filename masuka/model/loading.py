@@ -25,7 +25,7 @@ from typing import Any
 
 from masuka.settings import TINY_MODEL_ID, Settings, resolve_device_dtype
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
-from masuka.model import memory
+from masuka.model import compiled, memory
 from masuka.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class LoadedModel:
     memory_reason: str = ""
     load_seconds: float = 0.0
     source: str = ""  # what was loaded, in words
+    compile_report: compiled.CompileReport | None = None  # --compile: what the warm-up compiled
 
     @property
     def description(self) -> str:
@@ -290,6 +291,8 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     token = hub_token()
     check_access(source, token)
     choice = plan_profile(settings.memory, source, device)
+    if settings.compile:
+        compiled.check_profile(choice.profile, choice.reason)  # before any weight is read
     log.info("loading model %s (device %s, dtype %s, memory profile %s: %s)",
              source.describe(), device, dtype, choice.profile, choice.reason)
     try:
@@ -309,10 +312,14 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         # The FLUX VAE overflows in float16 (NaN or black images); it is small, so it runs in float32.
         pipe.vae.to(torch.float32)
     profile, reason = memory.apply_memory_profile(pipe, choice.profile, device, reason=choice.reason)
+    defaults = defaults_for(TINY_MODEL_ID if source.is_demo else settings.model, pipe.transformer.config)
+    report = None
+    if settings.compile:  # profile checked above, before reading: full or offload
+        report = compiled.compile_and_warm_up(pipe, defaults, device, backend=compiled.BACKEND)
     loaded = LoadedModel(
         pipe=pipe,
         spec=settings.model,
-        defaults=defaults_for(TINY_MODEL_ID if source.is_demo else settings.model, pipe.transformer.config),
+        defaults=defaults,
         device=device,
         dtype=dtype,
         is_demo=source.is_demo,
@@ -320,6 +327,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         memory_reason=reason,
         load_seconds=time.perf_counter() - started,
         source=source.describe(),
+        compile_report=report,
     )
     log.info("model ready in %.1f s: %s, memory profile %s (%s)",
              loaded.load_seconds, loaded.description, profile, reason)
