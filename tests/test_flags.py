@@ -109,6 +109,18 @@ ROWS = (
         ("test_flags.py::test_the_library_takes_its_limits_from_the_settings",
          "test_lora_library.py::test_refused_with_a_clear_message_and_nothing_left"),
         "allow_private_urls", (), {"MASUKA_ALLOW_PRIVATE_URLS": "1"}, True),
+    Row(("--allowed-hosts", "MASUKA_ALLOWED_HOSTS"),
+        ("test_guards.py::test_allowed_hosts_setting", "test_guards.py::test_a_rebound_name_gets_nothing_and_runs_nothing"),
+        "allowed_hosts", ("--allowed-hosts", "studio.lan"), {"MASUKA_ALLOWED_HOSTS": "studio.lan"}, ("studio.lan",)),
+    Row(("--upload-max-mb", "MASUKA_UPLOAD_MAX_MB"), ("test_guards.py::test_only_lora_files_may_be_large",),
+        "upload_other_max_bytes", ("--upload-max-mb", "5"), {"MASUKA_UPLOAD_MAX_MB": "5"}, 5 * 1024**2),
+    Row(("--upload-max-files", "MASUKA_UPLOAD_MAX_FILES"),
+        ("test_guards.py::test_one_request_carries_at_most_four_files",),
+        "upload_max_files", ("--upload-max-files", "2"), {"MASUKA_UPLOAD_MAX_FILES": "2"}, 2),
+    Row(("--upload-quota-mb", "MASUKA_UPLOAD_QUOTA_MB"), ("test_guards.py::test_the_upload_folder_has_a_quota",),
+        "upload_quota_bytes", ("--upload-quota-mb", "9000"), {"MASUKA_UPLOAD_QUOTA_MB": "9000"}, 9000 * 1024**2),
+    Row(("--upload-expiry-min", "MASUKA_UPLOAD_EXPIRY_MIN"), ("test_guards.py::test_uploads_expire",),
+        "upload_expiry_s", ("--upload-expiry-min", "30"), {"MASUKA_UPLOAD_EXPIRY_MIN": "30"}, 1800),
     Row(("HF_TOKEN",),
         ("test_models.py::test_load_hub_id_passes_id_dtype_and_token",
          "test_models.py::test_gated_model_without_token_is_refused_with_instructions",
@@ -208,7 +220,7 @@ def test_served_at_its_host_and_port_and_shared_by_a_tunnel(settings, monkeypatc
 
     monkeypatch.setattr(gradio.networking, "setup_tunnel", tunnel)
     port = free_port()
-    settings = replace(settings, host="127.0.0.2", port=port, share=True, auth=("ann", "secret"))
+    settings = replace(settings, host="127.0.0.2", port=port, share=True, auth=("ann", "a-long-enough-secret"))
     studio = build_studio(settings)
     demo, local_url, share_url = launch(settings, block=False, studio=studio, quiet=True)
     try:
