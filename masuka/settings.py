@@ -92,6 +92,7 @@ class Settings:
     loras_dir: Path | None = None
     outputs_dir: Path | None = None
     db_backup: Path | None = None
+    plan: str = ""  # --plan: print the memory plan for this machine ("this") or a named GPU, then exit
 
     @property
     def paths(self) -> Paths:
@@ -191,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         "requirements-gpu.txt), auto (picked from GPU memory and RAM, and says why). "
         "See docs/memory-profiles.md. Env: MASUKA_MEMORY. Default: auto",
     )
+    p.add_argument(
+        "--plan",
+        nargs="?",
+        const="this",
+        default=None,
+        metavar="GPU",
+        help="print the memory plan for --model / --memory (what sits on the GPU and in RAM while loading and "
+        "generating, what auto picks and why) and exit, without loading a model or opening a port: for this "
+        "machine, or for a Colab GPU: t4, l4, a100-40, a100-80, h100 (or h200). See docs/memory-profiles.md",
+    )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer's repeated blocks")
     p.add_argument("--queue-size", type=int, default=None, help="max jobs waiting in the queue. Env: MASUKA_QUEUE_SIZE. Default: 20")
     p.add_argument(
@@ -274,6 +285,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         loras_dir=_optional_path(_pick(args.loras_dir, env, "MASUKA_LORAS_DIR", None)),
         outputs_dir=_optional_path(_pick(args.outputs_dir, env, "MASUKA_OUTPUTS_DIR", None)),
         db_backup=_optional_path(_pick(args.db_backup, env, "MASUKA_DB_BACKUP", None)),
+        plan=(args.plan or "").strip().lower(),
     )
     validate_settings(settings)
     return settings
