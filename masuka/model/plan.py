@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -336,8 +336,10 @@ def t5_working(tokens: int, dtype: str) -> int:
     which, scale = _trace_dtype(dtype)
     rows = sorted(activations()[which]["text_encoder_2"], key=lambda r: r["tokens"])
     top = rows[-1]
-    peak = max(r["peak_bytes"] for r in rows if r["tokens"] >= tokens) if tokens <= top["tokens"] else \
-        top["peak_bytes"] * (tokens / top["tokens"]) ** 2  # relative position bias grows with tokens squared
+    if tokens <= top["tokens"]:
+        peak = next(r["peak_bytes"] for r in rows if r["tokens"] >= tokens)  # the nearest traced length above
+    else:
+        peak = top["peak_bytes"] * (tokens / top["tokens"]) ** 2  # the position bias grows with tokens squared
     return int(peak * scale * workspace_factor())
 
 
@@ -651,7 +653,7 @@ def build_plan(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = No
         transformer = "nf4"
     t5 = "int8" if (profile == "quantized" and bnb) else "dense"
     requires = []
-    if "nf4" in (transformer,) or t5 == "int8":
+    if transformer == "nf4" or t5 == "int8":
         requires.append("bitsandbytes")
     if transformer.startswith("gguf:"):
         requires.append("gguf")
