@@ -131,6 +131,21 @@ def test_gguf_type_comes_from_the_file_name():
     assert plan.hub_model("diffusers/FLUX.1-dev-bnb-4bit").transformer_storage == "nf4"
 
 
+def test_a_local_folder_with_flux_configs_is_planned_as_flux(tmp_path):
+    config = json.loads((plan.CONFIGS / FLUX_SCHNELL / "transformer" / "config.json").read_text())
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    sizes = plan.ModelSizes(1, 1, 1)
+    assert (plan.folder_model(tmp_path, sizes).variant, plan.folder_model(tmp_path, sizes).transformer_storage) == (
+        FLUX_SCHNELL, "dense")
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    assert plan.folder_model(tmp_path, sizes).transformer_storage == "nf4"
+    config["num_layers"] = 2  # another architecture: planned from its files
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    assert plan.folder_model(tmp_path, sizes).variant is None
+
+
 # ---- working memory -----------------------------------------------------------------------------
 
 

@@ -25,13 +25,14 @@ def generated() -> str:
 
     out = []
     for gpu in plan.GPUS.values():
-        status = f"measured there: {gpu.measured}" if gpu.measured else "predicted: nothing was measured on this GPU"
+        status = (f"All figures are predictions; measured there: {gpu.measured}." if gpu.measured else
+                  "All figures are predictions: nothing was measured on this GPU.")
         out += [
             f"### {gpu.label}",
             "",
             f"{plan.gib(gpu.total_bytes)} of GPU memory (as torch reports it), compute capability "
             f"{gpu.capability[0]}.{gpu.capability[1]}, so {gpu.dtype}; {plan.gib(gpu.ram_bytes)} of RAM "
-            f"({gpu.ram_source}). bitsandbytes and gguf installed. All figures predicted ({status}).",
+            f"({gpu.ram_source}). bitsandbytes and gguf installed. {status}",
             "",
             plan.summary_table(gpu),
             "",

@@ -447,7 +447,7 @@ def folder_model(folder: Path, sizes: ModelSizes) -> ModelInfo:
     channels = vae.get("block_out_channels", [128, 256])
     return ModelInfo(str(folder), None, "nf4" if sizes.prequantized else "dense", sizes=sizes, hidden=hidden,
                      vae_channels=int(channels[1] if len(channels) > 1 else channels[0]),
-                     note="sized from its files (not FLUX.1's architecture)")
+                     note="sized from its files (not FLUX.1's architecture, or stored in a form the plan does not know)")
 
 
 def _read_json(path: Path) -> dict:
