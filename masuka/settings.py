@@ -105,6 +105,7 @@ class Settings:
     upload_other_max_bytes: int = UPLOAD_OTHER_MAX_MB * 1024**2  # an upload that is not a .safetensors file
     upload_quota_bytes: int | None = None  # uploads kept at once; None = UPLOAD_QUOTA_LORAS x lora_max_bytes
     upload_expiry_s: int = UPLOAD_EXPIRY_MIN * 60  # uploads (and Gradio's copies of images) older than this go
+    plan: str = ""  # --plan: print the memory plan for this machine ("this") or a named GPU, then exit
 
     @property
     def paths(self) -> Paths:
@@ -224,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(sequential offload, slow), quantized (NF4 or GGUF transformer, 8-bit T5; needs "
         "requirements-gpu.txt), auto (picked from GPU memory and RAM, and says why). "
         "See docs/memory-profiles.md. Env: MASUKA_MEMORY. Default: auto",
+    )
+    p.add_argument(
+        "--plan",
+        nargs="?",
+        const="this",
+        default=None,
+        metavar="GPU",
+        help="print the memory plan for --model / --memory (what sits on the GPU and in RAM while loading and "
+        "generating, what auto picks and why) and exit, without loading a model or opening a port: for this "
+        "machine, or for a Colab GPU: t4, l4, a100-40, a100-80, h100 (or h200). See docs/memory-profiles.md",
     )
     p.add_argument(
         "--compile",
@@ -358,6 +369,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         * 1024**2,
         upload_quota_bytes=None if quota_mb is None else int(quota_mb) * 1024**2,
         upload_expiry_s=_pick(args.upload_expiry_min, env, "MASUKA_UPLOAD_EXPIRY_MIN", UPLOAD_EXPIRY_MIN, int) * 60,
+        plan=(args.plan or "").strip().lower(),
     )
     validate_settings(settings)
     return settings

@@ -1,4 +1,7 @@
-"""Memory profiles: what `auto` picks on each Colab GPU, CPU refusals, and (on CUDA) LoRA placement."""
+"""Memory profiles: what `auto` picks from the memory plan, CPU refusals, and (on CUDA) LoRA placement.
+
+The plan's figures themselves are checked in tests/test_plan.py.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +10,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from masuka.model import memory
-from masuka.model.memory import (
-    FLUX_SIZES,
-    GB,
-    GiB,
-    MachineMemory,
-    ModelSizes,
-    apply_memory_profile,
-    choose_profile,
-    hub_sizes,
-    single_file_sizes,
-)
+from masuka.model import memory, plan
+from masuka.model.memory import GiB, MachineMemory, ModelSizes, apply_memory_profile, choose_profile
 
-# total_memory as torch reports it, and the system RAM Colab gives each runtime.
-T4 = 15 * GiB
-L4 = int(22.5 * GiB)
-A100_40 = int(39.4 * GiB)
-A100_80 = int(79.2 * GiB)
-H100 = int(79.6 * GiB)
-V100_32 = int(31.7 * GiB)
+T4, L4, A100_40, H100 = (plan.GPUS[n] for n in ("t4", "l4", "a100-40", "h100"))
 COLAB_RAM = int(12.7 * GiB)
-HIGH_RAM = int(51 * GiB)
+DEV = plan.hub_model("black-forest-labs/FLUX.1-dev")
+SCHNELL = plan.hub_model("black-forest-labs/FLUX.1-schnell")
+GGUF_Q4 = plan.single_file_model("https://huggingface.co/city96/FLUX.1-schnell-gguf/blob/main/flux1-schnell-Q4_K_S.gguf",
+                                 SCHNELL)
+TINY = plan.ModelInfo("tiny", None, sizes=ModelSizes(200_000, 100_000, 300_000), hidden=64, vae_channels=32)
 
-NF4_REPO = hub_sizes("diffusers/FLUX.1-dev-bnb-4bit")
-GGUF_Q4 = single_file_sizes(int(6.8 * GB), gguf=True)
-TINY = ModelSizes(200_000, 100_000, 300_000)
+
+def machine(gpu: plan.GpuSpec, ram: int | None = None) -> MachineMemory:
+    return MachineMemory(gpu.total_bytes, gpu.ram_bytes if ram is None else ram, gpu.capability, gpu.label)
+
 
 def placement(pipe) -> dict[str, str]:
     """Where each component's weights are and whether offload hooks drive it."""
@@ -48,37 +40,34 @@ def placement(pipe) -> dict[str, str]:
 
 
 CASES = [
-    # (what, sizes, gpu, ram, bitsandbytes installed, expected profile, words the reason must hold)
-    ("cpu only", FLUX_SIZES, 0, HIGH_RAM, False, "full", "no CUDA GPU"),
-    ("tiny model on a T4", TINY, T4, COLAB_RAM, False, "full", "fit in 15.0 GiB"),
-    ("T4 + NF4 repo", NF4_REPO, T4, COLAB_RAM, True, "quantized", "model CPU offload"),
-    ("T4 + GGUF, no bitsandbytes", GGUF_Q4, T4, COLAB_RAM, False, "quantized", "T5 in bf16"),
-    ("L4 bf16 with bitsandbytes", FLUX_SIZES, L4, HIGH_RAM, True, "quantized", "NF4 transformer"),
-    ("L4 bf16 without bitsandbytes", FLUX_SIZES, L4, HIGH_RAM, False, "lowvram", "requirements-gpu.txt"),
-    ("L4 + NF4 repo", NF4_REPO, L4, HIGH_RAM, True, "quantized", "fit in 22.5 GiB"),
-    ("32 GB card", FLUX_SIZES, V100_32, HIGH_RAM, True, "offload", "model CPU offload"),
-    ("A100 40", FLUX_SIZES, A100_40, 83 * GiB, False, "full", "fit in 39.4 GiB"),
-    ("A100 40 on little RAM", FLUX_SIZES, A100_40, COLAB_RAM, False, "full", "fit"),
-    ("A100 80", FLUX_SIZES, A100_80, 167 * GiB, False, "full", "fit"),
-    ("H100", FLUX_SIZES, H100, 220 * GiB, False, "full", "fit in 79.6 GiB"),
+    # (what, model, machine, bitsandbytes installed, expected profile, words the reason must hold)
+    ("cpu only", DEV, MachineMemory(0, 128 * GiB), False, "full", "no CUDA GPU: everything runs on the CPU (fp32)"),
+    ("tiny model on a T4", TINY, machine(T4), False, "full", "every weight on the GPU"),
+    ("L4 bf16 with bitsandbytes", DEV, machine(L4), True, "quantized", "transformer NF4, T5 int8"),
+    ("L4 bf16 without bitsandbytes", DEV, machine(L4), False, "lowvram", "sequential CPU offload"),
+    ("A100 40", DEV, machine(A100_40), False, "full", "of 39.40 GiB"),
+    ("A100 40 on little RAM: the weights go straight to the GPU", DEV, machine(A100_40, COLAB_RAM), False, "full",
+     "RAM 2.75 GiB of 12.70 GiB"),
+    ("H100", SCHNELL, machine(H100), False, "full", "of 79.60 GiB"),
 ]
 
 
-@pytest.mark.parametrize("what,sizes,gpu,ram,bnb,expected,words", CASES, ids=[c[0] for c in CASES])
-def test_auto_picks_by_gpu_memory_and_ram(what, sizes, gpu, ram, bnb, expected, words):
-    choice = choose_profile(sizes, MachineMemory(gpu_total=gpu, ram_total=ram), bnb=bnb)
+@pytest.mark.parametrize("what,model,mem,bnb,expected,words", CASES, ids=[c[0] for c in CASES])
+def test_auto_picks_from_the_plan(what, model, mem, bnb, expected, words):
+    choice = choose_profile(model, mem, bnb=bnb, gguf=True)
     assert choice.error is None
     assert choice.profile == expected
     assert words in choice.reason
+    assert choice.plan is not None and choice.plan.fits
 
 
-@pytest.mark.parametrize("gpu", [T4, L4, V100_32], ids=["T4", "L4", "32 GB"])
-def test_low_ram_with_bf16_weights_asks_for_a_prequantized_checkpoint(gpu):
-    choice = choose_profile(FLUX_SIZES, MachineMemory(gpu_total=gpu, ram_total=COLAB_RAM), bnb=True)
+@pytest.mark.parametrize("model", [DEV, SCHNELL, GGUF_Q4], ids=["dev", "schnell", "gguf Q4_K_S"])
+def test_nothing_fits_a_t4_so_auto_says_so_instead_of_loading(model):
+    choice = choose_profile(model, machine(T4), bnb=True, gguf=True)
     assert choice.error
-    assert "12.7 GiB of RAM" in choice.error
-    assert "--model diffusers/FLUX.1-dev-bnb-4bit --memory quantized" in choice.error
-    assert "flux1-dev-Q4_K_S.gguf --memory quantized" in choice.error
+    assert "no memory profile is predicted to fit" in choice.error
+    assert "12.70 GiB of RAM" in choice.error and "RAM 4." in choice.error  # offload: every weight in RAM
+    assert "python app.py --plan" in choice.error
 
 
 def test_auto_load_on_a_t4_refuses_before_reading_weights(settings, monkeypatch):
@@ -87,9 +76,9 @@ def test_auto_load_on_a_t4_refuses_before_reading_weights(settings, monkeypatch)
     from masuka.model.loading import load_pipeline
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
-    monkeypatch.setattr(memory, "detect_memory", lambda device: MachineMemory(T4, COLAB_RAM))
+    monkeypatch.setattr(memory, "detect_memory", lambda device: machine(T4))
     monkeypatch.setattr(FluxPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
-    with pytest.raises(ValueError, match="pre-quantized checkpoint"):
+    with pytest.raises(ValueError, match="--memory auto: no memory profile is predicted to fit"):
         load_pipeline(replace(settings, model="black-forest-labs/FLUX.1-dev", memory="auto"))
 
 
@@ -97,9 +86,9 @@ def test_sizes_of_a_local_folder_come_from_its_files(tiny_model_dir):
     sizes = memory.folder_sizes(tiny_model_dir)
     assert sizes.transformer == (tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert sizes.text_encoder_2 > 0 and sizes.other > 0 and not sizes.prequantized
-    assert hub_sizes("black-forest-labs/FLUX.1-dev") == FLUX_SIZES
-    assert 33 * GB < FLUX_SIZES.total < 34 * GB
-    assert NF4_REPO.prequantized and GGUF_Q4.prequantized
+    info = memory.folder_model(tiny_model_dir)
+    assert info.variant is None and info.sizes == sizes  # not FLUX.1's architecture: planned from its files
+    assert info.hidden < 3072
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Any
 
 from masuka.settings import TINY_MODEL_ID, Settings, resolve_device_dtype
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
-from masuka.model import compiled, memory
+from masuka.model import compiled, memory, plan
 from masuka.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -191,28 +191,23 @@ def check_access(source: ModelSource, token: str | None) -> None:
             )
 
 
-def estimate_sizes(source: ModelSource):
-    """Bytes of each part as it will be loaded, without reading any weight."""
+def describe_model(source: ModelSource):
+    """What the memory plan knows of the model before any weight is read (masuka.model.plan.ModelInfo)."""
     if source.kind in (KIND_TINY, KIND_FOLDER):
-        return memory.folder_sizes(Path(source.location))
+        return memory.folder_model(Path(source.location))
     if source.kind == KIND_HUB:
-        return memory.hub_sizes(source.location)
-    base = estimate_sizes(source.base)
-    gguf = source.file_format == "gguf"
-    if source.location.startswith("https://"):
-        # Unknown until downloaded: a Q4 GGUF is about 6.8 GB, a bf16 file the full 23.8 GB.
-        transformer = int(6.8 * memory.GB) if gguf else memory.FLUX_TRANSFORMER_BYTES
-    else:
-        transformer = Path(source.location).stat().st_size
-    return memory.single_file_sizes(transformer, gguf, base)
+        return plan.hub_model(source.location)
+    local = Path(source.location)
+    file_bytes = local.stat().st_size if not source.location.startswith("https://") and local.is_file() else None
+    return plan.single_file_model(source.location, describe_model(source.base), file_bytes)
 
 
-def plan_profile(requested: str, source: ModelSource, device: Any):
-    """The memory profile to load with (auto decided here, before loading), with why."""
+def plan_profile(requested: str, source: ModelSource, device: Any, dtype: Any = None):
+    """The memory profile to load with (auto decided here, from the memory plan, before loading), with why."""
     if requested != "auto":
         return memory.ProfileChoice(requested, "asked for")
     mem = memory.detect_memory(device)
-    choice = memory.choose_profile(estimate_sizes(source), mem, bnb=memory.bitsandbytes_available())
+    choice = memory.choose_profile(describe_model(source), mem, dtype=dtype, bnb=memory.bitsandbytes_available())
     if choice.error:
         raise ValueError(f"--memory auto: {choice.error}")
     return choice
@@ -244,8 +239,8 @@ def _read_pipeline(source: ModelSource, dtype: Any, token: str | None, profile: 
         raise ValueError(f"memory profile 'quantized' needs a CUDA GPU; this machine runs on {device}")
     if source.kind != KIND_FILE:
         if profile == "quantized":
-            sizes = estimate_sizes(source)
-            quant = memory.pipeline_quantization(dtype, transformer=not sizes.prequantized, t5=quantize_t5)
+            prequantized = describe_model(source).prequantized
+            quant = memory.pipeline_quantization(dtype, transformer=not prequantized, t5=quantize_t5)
             if quant is not None:
                 kwargs["quantization_config"] = quant
         log.info("loading %s (weights: progress bars below)", source.describe())
@@ -290,7 +285,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     source = resolve_model_spec(settings.model, settings.paths.models, settings.base_model)
     token = hub_token()
     check_access(source, token)
-    choice = plan_profile(settings.memory, source, device)
+    choice = plan_profile(settings.memory, source, device, dtype)
     if settings.compile:
         compiled.check_profile(choice.profile, choice.reason)  # before any weight is read
     log.info("loading model %s (device %s, dtype %s, memory profile %s: %s)",
@@ -311,7 +306,8 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     if dtype == torch.float16 and isinstance(getattr(pipe, "vae", None), torch.nn.Module):
         # The FLUX VAE overflows in float16 (NaN or black images); it is small, so it runs in float32.
         pipe.vae.to(torch.float32)
-    profile, reason = memory.apply_memory_profile(pipe, choice.profile, device, reason=choice.reason)
+    profile, reason = memory.apply_memory_profile(pipe, choice.profile, device, reason=choice.reason,
+                                                  placement=choice.plan.placement if choice.plan else None)
     defaults = defaults_for(TINY_MODEL_ID if source.is_demo else settings.model, pipe.transformer.config)
     report = None
     if settings.compile:  # profile checked above, before reading: full or offload
