@@ -89,6 +89,8 @@ ROWS = (
          "test_compile.py::test_compiled_model_never_recompiles_across_lora_switches_and_matches_eager",
          "test_compile.py::test_a_lora_only_adapters_could_apply_is_refused_under_compile_with_its_reason"),
         "compile", ("--compile",), {"MASUKA_COMPILE": "1"}, True),
+    Row(("--plan",), ("test_plan.py::test_plan_t4_prints_the_table_and_loads_nothing",),
+        "plan", ("--plan", "t4"), {}, "t4"),
     Row(("--queue-size", "MASUKA_QUEUE_SIZE"),
         ("test_security.py::test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped",),
         "queue_size", ("--queue-size", "3"), {"MASUKA_QUEUE_SIZE": "3"}, 3),
