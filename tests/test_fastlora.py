@@ -480,3 +480,17 @@ def test_fuse_and_restore_ignore_the_process_matmul_precision():
     assert seen and set(seen) == {"highest"}
     assert torch.get_float32_matmul_precision() == previous
     assert torch.equal(module.weight.view(torch.int16), before.view(torch.int16))
+
+
+def test_the_fix_budget_leaves_room_for_the_jobs_own_activations(manager, monkeypatch):
+    """On a GPU the reserve is the plan's working memory for the job's size: bigger images reserve more."""
+    import torch
+
+    from masuka.model import plan
+
+    assert manager.activation_reserve(manager.validate(prompt="x")) == 0  # CPU: no GPU budget to guard
+    monkeypatch.setattr(manager.loaded, "device", torch.device("cuda", 0))
+    small = manager.activation_reserve(manager.validate(prompt="x", width=512, height=512))
+    big = manager.activation_reserve(manager.validate(prompt="x", width=1024, height=1024))
+    assert 0 < small < big
+    assert big >= plan.vae_decode_working(1024, 1024, "fp32")  # the VAE decode is the largest part

@@ -25,6 +25,7 @@ from masuka.core.lorastate import LoraState
 from masuka.core.requests import MAX_SEED, GenerateRequest, LoraChoice, parse_lora_spec, validate_request
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.types import LoraInUse, LoraResolver
+from masuka.model import plan
 from masuka.model.loading import LoadedModel
 from masuka.store.jobs import JobStore
 from masuka.store.outputs import image_metadata, save_image
@@ -396,6 +397,19 @@ class Runner:
                 self._release_memory()
                 self._finish(ticket)
 
+    def activation_reserve(self, request: GenerateRequest) -> int:
+        """GPU bytes this job needs beside the weights (the memory plan's working memory for its
+        size): LoRA restore fixes never take them.  0 off CUDA, where no fix budget applies."""
+        if getattr(self.loaded.device, "type", str(self.loaded.device)) != "cuda":
+            return 0
+        vae = getattr(self.loaded.pipe, "vae", None)
+        return max(
+            plan.transformer_working(
+                request.width, request.height, self.loaded.defaults.max_sequence_length, plan.dtype_name(self.loaded.dtype)
+            ),
+            plan.vae_decode_working(request.width, request.height, plan.dtype_name(getattr(vae, "dtype", self.loaded.dtype))),
+        )
+
     # ---- one job -----------------------------------------------------------
     def _run(self, ticket: Ticket) -> None:
         import torch
@@ -407,7 +421,7 @@ class Runner:
             if ticket.cancel.is_set():
                 raise JobCancelled()
             self.jobs.mark_running(job_id)
-            self._lora_state.apply(request.loras)
+            self._lora_state.apply(request.loras, reserve_bytes=self.activation_reserve(request))
             pipe = self.loaded.pipe
 
             def step_end(_pipe, step: int, _t, kwargs):
