@@ -60,7 +60,8 @@ print(f"RAM: {RAM_GB:.1f} GiB · torch {torch.__version__}")
 PARAMETERS = """\
 #@title 2 · Settings
 #@markdown **Model**: `auto` picks one for this GPU: FLUX.1-schnell, or FLUX.1-dev when an `HF_TOKEN`
-#@markdown secret is set and the GPU has room; on a T4, a 4-bit (GGUF) schnell that fits its memory.
+#@markdown secret is set and the GPU has room. FLUX.1 does not fit a T4 runtime yet (15 GiB GPU, 12.7 GiB RAM:
+#@markdown `python app.py --plan t4`), so there `auto` runs the built-in demo model and says why.
 MODEL = "auto"  #@param ["auto", "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev", "https://huggingface.co/city96/FLUX.1-schnell-gguf/blob/main/flux1-schnell-Q4_K_S.gguf", "https://huggingface.co/city96/FLUX.1-dev-gguf/blob/main/flux1-dev-Q4_K_S.gguf", "masuka/tiny-flux"] {allow-input: true}
 #@markdown **Memory profile**: `auto` decides from GPU memory and RAM (full, offload, lowvram or quantized).
 MEMORY = "auto"  #@param ["auto", "full", "offload", "lowvram", "quantized"]
@@ -85,7 +86,7 @@ from pathlib import Path
 
 def find_checkout():
     for folder in (Path.cwd(), *Path.cwd().parents, Path(WORK_DIR) / "masuka"):
-        if (folder / "app.py").is_file() and (folder / "masuka" / "server.py").is_file():
+        if (folder / "app.py").is_file() and (folder / "masuka" / "studio.py").is_file():
             return folder
     return None
 
@@ -189,7 +190,12 @@ def pick_model(gpu_gb, ram_gb, has_token):
     if gpu_gb == 0:
         return "masuka/tiny-flux", "no GPU: the built-in demo model"
     if gpu_gb < 20:
-        return SCHNELL_4BIT, f"{gpu_gb:.0f} GiB GPU: FLUX.1-schnell in 4 bits (GGUF), fast at 4 steps"
+        # The memory plan (python app.py --plan t4) finds no form of FLUX.1 MASUKA can load that fits
+        # both the T4's 15 GiB GPU and its 12.7 GiB of RAM; loading one anyway gets the runtime killed.
+        return "masuka/tiny-flux", (
+            f"{gpu_gb:.0f} GiB GPU: FLUX.1 does not fit this runtime yet (see python app.py --plan t4); "
+            "the built-in demo model runs instead. For real pictures pick an L4 or A100 runtime"
+        )
     # The bf16 weights (~34 GB) go through RAM while loading unless they fit on the GPU at once.
     bf16_fits = ram_gb >= 40 or gpu_gb >= 40
     if has_token:
@@ -238,7 +244,8 @@ import dataclasses
 import gc
 
 import torch
-from masuka.web.server import build_studio, launch
+from masuka.studio import build_studio
+from masuka.web.server import launch
 
 
 def same_app(a, b):
@@ -247,7 +254,7 @@ def same_app(a, b):
 
 # Run again after stopping: the loaded model is reused unless the settings changed.
 if globals().get("studio") is not None and not same_app(studio.settings, settings):
-    studio.manager.jobs.close()
+    studio.close()
     studio = None
     gc.collect()
     torch.cuda.empty_cache()

@@ -141,8 +141,8 @@ def pick_model_function():
     "gpu_gb, ram_gb, token, expect",
     [
         (0, 12.7, True, "masuka/tiny-flux"),  # CPU runtime
-        (15, 12.7, False, "flux1-schnell-Q4"),  # free T4: 4-bit schnell
-        (15, 12.7, True, "flux1-schnell-Q4"),  # a token does not make dev fit a T4
+        (15, 12.7, False, "masuka/tiny-flux"),  # free T4: no FLUX.1 fits yet (the plan), said so
+        (15, 12.7, True, "masuka/tiny-flux"),  # a token does not make dev fit a T4
         (22.5, 53, True, "black-forest-labs/FLUX.1-dev"),  # L4
         (22.5, 53, False, "black-forest-labs/FLUX.1-schnell"),
         (22.5, 16, True, "flux1-dev-Q4"),  # too little RAM to read bf16
