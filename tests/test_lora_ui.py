@@ -15,14 +15,17 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
     pytest.mark.timeout(180),
 ]
+# A trigger word is the file's own text: it must show as text, not as a form.
+HOSTILE_TRIGGER = '<form action="http://127.0.0.1:9/x"><input type="password" id="pw-evil"></form>'
 
 
-@pytest.fixture
-def app(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
     from conftest import launch_app, seed_home
     from masuka.settings import Settings
 
-    live = launch_app(Settings(home=seed_home(tmp_path / "home", tiny_model_dir), allow_private_urls=True))
+    home = seed_home(tmp_path_factory.mktemp("lora-ui") / "home", tiny_model_dir)
+    live = launch_app(Settings(home=home, allow_private_urls=True))
     yield live
     live.demo.close()
     live.studio.close()
@@ -33,7 +36,11 @@ def page(app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
         page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
         page.set_default_timeout(20_000)
         page.goto(app.url)
@@ -43,59 +50,58 @@ def page(app):
 
 
 def lora_choices(page) -> str:
-    page.click("#tab-generate-button") if page.query_selector("#tab-generate-button") else page.get_by_role(
-        "tab", name="Generate"
-    ).click()
+    page.get_by_role("tab", name="Generate").click()
     page.click("#lora-1 input")
     text = page.locator("ul[role=listbox]").inner_text()
     page.keyboard.press("Escape")
     return text
 
 
-def wait_for_table(page, text: str, *, present: bool) -> None:
-    page.wait_for_function(
-        "([t, present]) => document.querySelector('#lora-table').innerText.includes(t) === present", arg=[text, present]
-    )
-
-
 def test_add_by_link_and_upload_then_delete(app, page, tmp_path):
+    from playwright.sync_api import expect
+
+    studio = app.studio
     server = LoraServer()
     try:
-        t = app.manager.pipe.transformer
+        t = studio.loaded.pipe.transformer
+        kohya = make_kohya_lora(
+            t, tmp_path / "k.safetensors", seed=3, metadata={"trigger_phrase": f"inkwash\n{HOSTILE_TRIGGER}"}
+        )
         url = server.add(
             "/api/download/models/5",
-            make_kohya_lora(t, tmp_path / "k.safetensors", seed=3, metadata={"trigger_phrase": "inkwash"}).read_bytes(),
+            kohya.read_bytes(),
             headers={"Content-Disposition": 'attachment; filename="Ink Wash.safetensors"'},
         )
         page.get_by_role("tab", name="LoRAs").click()
         page.fill("#lora-source textarea, #lora-source input", url)
         page.click("#lora-add")
         result = page.locator("#lora-add-result")
-        result.get_by_text("Added").wait_for()
-        assert "Ink_Wash" in result.inner_text() and "inkwash" in result.inner_text()
-        wait_for_table(page, "Ink_Wash", present=True)
+        expect(result).to_contain_text("Added Ink_Wash")
+        expect(result).to_contain_text("inkwash")
+        expect(result).to_contain_text('<input type="password"')  # the trigger word, as text
+        assert page.locator("#pw-evil").count() == 0
+        expect(page.locator("#lora-table")).to_contain_text("Ink_Wash")
 
         upload = make_peft_lora(t, tmp_path / "Paper Cut.safetensors", seed=4)
         page.set_input_files("#lora-upload input[type=file]", str(upload))
+        expect(page.locator("#lora-upload")).to_contain_text("Paper Cut.safetensors")  # uploaded before Add
         page.fill("#lora-name textarea, #lora-name input", "paper")
-        page.wait_for_timeout(500)  # the upload finishes before Add is pressed
         page.click("#lora-add")
-        page.wait_for_function("() => document.querySelector('#lora-add-result').innerText.includes('paper')")
-        wait_for_table(page, "paper", present=True)
-        assert {r.name for r in app.manager.loras.list()} == {"Ink_Wash", "paper"}
+        expect(result).to_contain_text("Added paper")
+        expect(page.locator("#lora-table")).to_contain_text("paper")
+        assert set(studio.lora_names(usable_only=False)) == {"Ink_Wash", "paper"}
 
         page.fill("#lora-name textarea, #lora-name input", "../../x")
         page.fill("#lora-source textarea, #lora-source input", url)
         page.click("#lora-add")
-        page.get_by_text("is not allowed").first.wait_for()
+        expect(page.locator(".toast-body").filter(has_text="is not allowed")).to_be_visible()
 
         page.click("#lora-delete-name input")
         page.locator("ul[role=listbox]").get_by_text("paper").click()
         page.click("#lora-delete")
-        page.wait_for_function("() => document.querySelector('#lora-add-result').innerText.includes('Deleted')")
-        page.screenshot(path=str(tmp_path / "loras.png"), full_page=True)
-        wait_for_table(page, "paper", present=False)
-        assert not (app.manager.loras.folder / "paper.safetensors").exists()
+        expect(result).to_contain_text("Deleted paper")
+        expect(page.locator("#lora-table")).not_to_contain_text("paper")
+        assert not (studio.lora_folder / "paper.safetensors").exists()
         choices = lora_choices(page)
         assert "Ink_Wash" in choices and "paper" not in choices
     finally:

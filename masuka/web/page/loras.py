@@ -21,7 +21,7 @@ def added_line(rec: LoraRecord) -> str:
         f"sha256 {md_code(rec.sha256[:12])})."
     )
     if rec.trigger_words:
-        line += " Trigger words: " + ", ".join(md_code(w) for w in rec.trigger_words) + "."
+        line += " Trigger words: " + ", ".join(md_code(w, limit=100) for w in rec.trigger_words) + "."
     if rec.state != "usable":
         line += f"\n\nKept, but **{md_text(rec.state)}**: {md_text(rec.reason)}"
     return line
