@@ -263,9 +263,11 @@ def test_cancel_stops_only_my_job_and_a_second_person_waits_in_the_queue(browser
         assert mine and mine in me.inner_text("#status")
         gate.allow(1)
         expect(me.locator("#status")).to_contain_text("step 1 of 50")
+        expect(me.locator("#gallery")).to_contain_text("1/50 steps")  # the progress bar over the gallery
 
         generate(other, "the second person's job")
         expect(other.locator("#status")).to_contain_text("waiting in the queue: 1 of 1")
+        expect(other.locator("#gallery")).to_contain_text("waiting in the queue")
 
         open_history_row(me, mine)  # the page answers while the GPU is busy
         expect(me.locator("#job-summary")).to_contain_text("running")
@@ -315,11 +317,10 @@ def test_history_in_local_time_and_reuse_from_a_row_and_from_dropped_images(brow
     from playwright.sync_api import expect
 
     from masuka.store.outputs import save_image
+    from masuka.studio import Caller
 
     studio = app.studio
     request = studio.validate(prompt="a lighthouse at dusk", seed=1234, steps=3, guidance=2.5, width=256, height=320)
-    from masuka.studio import Caller
-
     result = studio.generate(request, Caller())
     page = open_page(browser, app, timezone_id="Asia/Tokyo")
     try:

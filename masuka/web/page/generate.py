@@ -198,10 +198,10 @@ class GenerateTab:
         """Status lines while the job is in the runner, woken by its events."""
         studio, last = self.studio, None
         while not studio.wait(job_id, 0):
-            place, steps = studio.position(job_id), studio.progress(job_id)
-            line = progress_line(job_id, place, studio.queue_length(), steps)
+            place, waiting, steps = studio.position(job_id), studio.queue_length(), studio.progress(job_id)
+            line = progress_line(job_id, place, waiting, steps)
             if place:
-                progress(0, desc=f"waiting in the queue: {place} of {studio.queue_length()}")
+                progress(0, desc=f"waiting in the queue: {place} of {waiting}")
             elif steps is not None and steps[0] > 0:
                 progress(steps, unit="steps", desc="denoising")
             if line != last:
@@ -262,8 +262,8 @@ class GenerateTab:
         """A (re)loaded page shows its queued or running job again, then its images."""
         stored = values[self.my_jobs]
         active = jobs_to_follow(self.studio, caller_of(request), stored)
-        kept = remembered([j for j in remembered(stored) if j in {a["job_id"] for a in active}])
-        yield {self.my_jobs: kept}
+        still_running = {job["job_id"] for job in active}
+        yield {self.my_jobs: [j for j in remembered(stored) if j in still_running]}  # ended ones are forgotten
         if not active:
             return
         job_id = active[-1]["job_id"]  # the newest: what the page showed last
@@ -276,7 +276,7 @@ class GenerateTab:
         if job_id and self.studio.position(job_id) is not None:
             try:
                 self.studio.cancel(job_id, caller)
-            except ValueError as exc:  # another login's job (NotYourJob), or gone
+            except (ValueError, JobNotFound) as exc:  # another login's job (NotYourJob), or gone
                 return f"⚠ {md_text(exc)}"
         else:
             job_id = self.studio.cancel_session(caller.session)
@@ -295,7 +295,7 @@ class GenerateTab:
         return {self.picked_seed: str(image_seed), self.picked: path}
 
     def wire(self) -> None:
-        form, b, studio = self.form, self.buttons, self.studio
+        form, b = self.form, self.buttons
         gen = b["run"].click(
             self.on_generate,
             form.inputs() | {self.my_jobs},
