@@ -62,6 +62,7 @@ def browser():
 
 
 def open_page(browser, app, **context):
+    """A new page in its own browser context (its own Gradio session)."""
     page = browser.new_context(viewport=VIEWPORT, **context).new_page()
     page.set_default_timeout(20_000)
     page.goto(app.url)
@@ -119,14 +120,19 @@ def gate(app):
             app.studio.wait(job["job_id"], 60)
 
 
-def screenshot(page, name: str) -> None:
-    """<SHOTS>/<name>.png, as a 256-colour PNG to keep the repository small."""
+def close_toasts(page) -> None:
+    """Close the toasts shown so far (they cover the header and the tabs until they time out)."""
     from playwright.sync_api import expect
 
     closers = page.locator(".toast-close")
-    for i in reversed(range(closers.count())):  # earlier toasts would cover the header
+    for i in reversed(range(closers.count())):
         closers.nth(i).click()
     expect(page.locator(".toast-body")).to_have_count(0)
+
+
+def screenshot(page, name: str) -> None:
+    """<SHOTS>/<name>.png, as a 256-colour PNG to keep the repository small."""
+    close_toasts(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
     target = SHOTS / f"{name}.png"
     page.screenshot(path=str(target))
@@ -158,6 +164,7 @@ def open_history_row(page, job_id: str) -> None:
     """Show one job's detail: refresh the table, then click the row's job id."""
     from playwright.sync_api import expect
 
+    close_toasts(page)
     page.get_by_role("tab", name="History").click()
     page.click("#history-refresh")
     cell = page.locator("#history-table [role=gridcell]", has_text=job_id).first
