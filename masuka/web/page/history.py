@@ -83,9 +83,10 @@ class HistoryTab:
         return self.detail(str(row[0]) if row else None, values[self.zone])
 
     def on_pick(self, job_id: str | None, evt: gr.SelectData):
-        if not job_id:
+        try:
+            pairs = job_images(self.studio.job(job_id)) if job_id else []
+        except JobNotFound:
             return None
-        pairs = job_images(self.studio.job(job_id))
         return pairs[evt.index][0] if evt.index is not None and 0 <= evt.index < len(pairs) else None
 
     def on_reuse(self, values: dict) -> dict:
@@ -95,7 +96,10 @@ class HistoryTab:
         if not job_id:
             gr.Info("Click a job in the table first.")
             return {}
-        record = self.studio.job(job_id)
+        try:
+            record = self.studio.job(job_id)
+        except JobNotFound:
+            return {self.generate.status: f"No job {md_code(job_id)} (deleted?)"}
         fs = settings_from_record(record, self.studio.model_info().defaults)
         return self.generate.fill(fs, f"Settings loaded from job {md_code(job_id)}.")
 
