@@ -1,4 +1,4 @@
-"""The studio page in a real browser: Playwright drives Debian's headless Chromium.
+"""The studio page in a real browser (all three tabs): Playwright drives Debian's headless Chromium.
 
 One app and one browser for the module; each test opens its own page (its own
 Gradio session).  A job is held where a test needs it by a gate on the pipeline's
@@ -41,7 +41,7 @@ def app(tmp_path_factory, tiny_model_dir):
     from masuka.settings import Settings
 
     home = seed_home(tmp_path_factory.mktemp("ui") / "home", tiny_model_dir)
-    live = launch_app(Settings(home=home))
+    live = launch_app(Settings(home=home, allow_private_urls=True))  # LoRA links to a test server on 127.0.0.1
     yield live
     live.demo.close()
     live.studio.close()
@@ -196,7 +196,7 @@ def test_generate_with_a_lora_shows_images_with_seeds_and_the_job_in_history(pag
     make_peft_lora(app.studio.loaded.pipe.transformer, app.studio.lora_folder / "inkwash.safetensors")
     page.click("#refresh-loras")
     page.click("#lora-1 input")
-    page.get_by_role("option", name="inkwash").click()
+    page.get_by_role("option", name="inkwash", exact=True).click()
     generate(page, "a red fox asleep in fresh snow", num_images=2)
     expect(page.locator("#status")).to_contain_text("✓ Job", timeout=JOB_TIMEOUT_MS)
     job = latest_job(app, "red fox asleep")
@@ -395,3 +395,58 @@ def test_history_in_local_time_and_reuse_from_a_row_and_from_dropped_images(brow
         assert_no_hostile_markup(page)
     finally:
         page.context.close()
+
+
+def test_loras_tab_adds_by_link_and_upload_then_deletes(page, app, tmp_path):
+    from lora_factory import make_kohya_lora, make_peft_lora
+    from lora_server import LoraServer
+    from playwright.sync_api import expect
+
+    studio = app.studio
+    server = LoraServer()
+    try:
+        t = studio.loaded.pipe.transformer
+        # A trigger word is the file's own text: it must show as text, not as a form.
+        kohya = make_kohya_lora(t, tmp_path / "k.safetensors", seed=3, metadata={"trigger_phrase": f"inkwash\n{HOSTILE}"})
+        url = server.add(
+            "/api/download/models/5",
+            kohya.read_bytes(),
+            headers={"Content-Disposition": 'attachment; filename="Ink Wash.safetensors"'},
+        )
+        page.get_by_role("tab", name="LoRAs").click()
+        page.fill("#lora-source textarea, #lora-source input", url)
+        page.click("#lora-add")
+        result = page.locator("#lora-add-result")
+        expect(result).to_contain_text("Added Ink_Wash")
+        expect(result).to_contain_text('<input type="password"')  # the trigger word, as text
+        assert_no_hostile_markup(page)
+        expect(page.locator("#lora-table")).to_contain_text("Ink_Wash")
+
+        upload = make_peft_lora(t, tmp_path / "Paper Cut.safetensors", seed=4)
+        page.set_input_files("#lora-upload input[type=file]", str(upload))
+        expect(page.locator("#lora-upload")).to_contain_text("Paper Cut.safetensors")  # uploaded before Add
+        page.fill("#lora-name textarea, #lora-name input", "paper")
+        page.click("#lora-add")
+        expect(result).to_contain_text("Added paper")
+        expect(page.locator("#lora-table")).to_contain_text("paper")
+        assert {"Ink_Wash", "paper"} <= set(studio.lora_names(usable_only=False))
+
+        page.fill("#lora-name textarea, #lora-name input", "../../x")
+        page.fill("#lora-source textarea, #lora-source input", url)
+        page.click("#lora-add")
+        expect(page.locator(".toast-body").filter(has_text="is not allowed")).to_be_visible()
+
+        page.click("#lora-delete-name input")
+        page.locator("ul[role=listbox]").get_by_text("paper").click()
+        page.click("#lora-delete")
+        expect(result).to_contain_text("Deleted paper")
+        expect(page.locator("#lora-table")).not_to_contain_text("paper")
+        assert not (studio.lora_folder / "paper.safetensors").exists()
+        close_toasts(page)
+        page.get_by_role("tab", name="Generate").click()  # the form's LoRA choices follow the library
+        page.click("#lora-1 input")
+        choices = page.locator("ul[role=listbox]")
+        expect(choices).to_contain_text("Ink_Wash")
+        expect(choices).not_to_contain_text("paper")
+    finally:
+        server.close()
