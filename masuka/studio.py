@@ -130,10 +130,6 @@ class Studio:
         cancelled = self.runner.cancel(str(job_id))
         return {"job_id": str(job_id), "cancelled": cancelled, "status": self.jobs.get(str(job_id))["status"]}
 
-    def cancel_session(self, session: str | None) -> str | None:
-        """Cancel the job a browser session has in the runner (never another's); its id or None."""
-        return self.runner.cancel_session(session or "")
-
     def cancel_mine(self, caller: Caller) -> str | None:
         """Cancel the caller's own job: the one its browser session started and, when the app has
         a password, only if it is that login's job too.  Its id, or None."""

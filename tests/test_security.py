@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -552,3 +553,67 @@ def test_leftovers_of_a_crash_while_saving_are_never_served(settings):
             assert not leftover.exists()
     finally:
         close(app)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid RGBA PNG of zero pixels (a few hundred KB on disk) whose settings chunk comes after the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + 4 * width)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    settings = b"masuka\x00" + json.dumps({"prompt": "boom", "seed": 1}).encode()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"tEXt", settings) + chunk(b"IEND", b""))
+
+
+def test_parallel_bomb_drops_do_not_exhaust_memory(module_app, tmp_path):
+    """16 parallel drops of an 8000x8000 PNG (256 MB of pixels each) into "Load settings from a MASUKA image"."""
+    import concurrent.futures
+
+    import psutil
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_bomb_png(8000, 8000))
+    upload = httpx.post(f"{module_app.url}gradio_api/upload", files={"files": ("bomb.png", bomb.read_bytes(), "image/png")},
+                        timeout=60)
+    assert upload.status_code == 200, upload.text
+    server_path = upload.json()[0]
+    drop = next(f for f in module_app.demo.fns.values() if f.concurrency_id == "settings-image")
+    payload = {"path": server_path, "orig_name": "bomb.png", "meta": {"_type": "gradio.FileData"}}
+
+    def drop_once(i: int) -> str:
+        session = f"bomb-{i}-" + os.urandom(4).hex()
+        join = httpx.post(f"{module_app.url}gradio_api/queue/join", timeout=60, json={
+            "data": [payload], "fn_index": drop._id, "session_hash": session, "event_data": None, "trigger_id": None})
+        assert join.status_code == 200, join.text
+        with httpx.stream("GET", f"{module_app.url}gradio_api/queue/data", params={"session_hash": session},
+                          timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and '"process_completed"' in line:
+                    return line
+        raise AssertionError("a drop never completed")
+
+    process = psutil.Process()
+    baseline, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(drop_once, range(16)))
+    finally:
+        done.set()
+        sampler.join()
+    growth_mb = (peak[0] - baseline) / 2**20
+    assert growth_mb < 200, f"the app grew by {growth_mb:.0f} MB during 16 bomb drops"
+    assert all("the limit is 40" in answer for answer in answers), answers[0][-600:]

@@ -279,7 +279,7 @@ class GenerateTab:
             except (ValueError, JobNotFound) as exc:  # another login's job (NotYourJob), or gone
                 return f"⚠ {md_text(exc)}"
         else:
-            job_id = self.studio.cancel_session(caller.session)
+            job_id = self.studio.cancel_mine(caller)  # its session and, with a password, its login
         if job_id is None:
             return "Nothing of yours is running or waiting."
         self.studio.wait(job_id, CANCEL_WAIT_S)  # the runner's event: the job has left the queue
