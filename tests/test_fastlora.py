@@ -494,3 +494,20 @@ def test_the_fix_budget_leaves_room_for_the_jobs_own_activations(manager, monkey
     big = manager.activation_reserve(manager.validate(prompt="x", width=1024, height=1024))
     assert 0 < small < big
     assert big >= plan.vae_decode_working(1024, 1024, "fp32")  # the VAE decode is the largest part
+
+
+def test_a_set_that_falls_back_keeps_no_fast_path_plan_cached(manager):
+    """A LoRA that goes through adapters holds no (pinned, on a GPU) fuse plan in RAM meanwhile."""
+    add_peft(manager, "plain", seed=41)
+    state = read(manager.loras.folder / "plain.safetensors")
+    add_file(manager, "biased2", state | {k.replace("lora_B.weight", "lora_B.bias"): torch.randn(v.shape[0])
+                                          for k, v in state.items() if "lora_B" in k})
+    assert manager.set_loras("plain")["strategy"] == "fused"
+    manager.set_loras("")
+    misses = manager.lora_cache.misses
+    assert manager.set_loras("plain")["strategy"] == "fused" and manager.lora_cache.misses == misses  # cached plan
+    assert manager.set_loras("plain,biased2")["strategy"] == "adapters"  # the set falls back as a whole
+    manager.set_loras("")
+    misses = manager.lora_cache.misses
+    assert manager.set_loras("plain")["strategy"] == "fused"
+    assert manager.lora_cache.misses == misses + 1  # its plan was dropped when the set fell back: built again
