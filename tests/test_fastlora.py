@@ -327,7 +327,9 @@ def test_50_switches_restore_exactly_without_growing_memory(manager):
         assert sorted(lc["name"] for lc in status["loras"]) == sorted(p.split(":")[0] for p in spec.split(",") if p)
     manager.set_loras("")
     assert manager.lora_status()["restore_bytes"] == manager.lora_status()["fused_modules"] == 0
-    assert live_tensors() == (count0, bytes0)  # nothing left behind by 50 switches
+    count, size = live_tensors()
+    # Nothing left behind by 50 switches (fewer is fine: another module's objects may be freed meanwhile).
+    assert count <= count0 and size <= bytes0, (count - count0, size - bytes0)
     assert weights_digest(manager.pipe) == pristine
     assert manager.inexact_restores == 0
     assert np.array_equal(image(manager), base)
