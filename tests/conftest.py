@@ -175,3 +175,16 @@ def holding():
     yield make
     for holder in holders:
         holder.release()
+
+
+def wait_until(check, timeout: float = 60.0, what: str = "condition"):
+    """Poll `check` until it returns something truthy (that value), or fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

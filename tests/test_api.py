@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 from conftest import walk_keys
 from gradio_client.exceptions import AppError
-from conftest import launch_app
+from conftest import launch_app, wait_until
 from PIL import Image
 
 
@@ -91,7 +90,7 @@ def test_reads_answer_and_cancel_works_while_the_runner_is_busy(app, holding):
     client = app.client()
     holder = holding(app.studio, prompt="held")
     waiting = client.submit(prompt="waits its turn", api_name="/generate")
-    _wait(lambda: app.studio.position(newest(client)["job_id"]) == 1)
+    wait_until(lambda: app.studio.position(newest(client)["job_id"]) == 1)
     queued = newest(client)
     assert queued["status"] == "queued" and queued["prompt"] == "waits its turn"
     for name, kwargs in [("/history", {"limit": 5}), ("/job", {"job_id": holder.job_id}), ("/loras", {})]:
@@ -108,10 +107,3 @@ def test_reads_answer_and_cancel_works_while_the_runner_is_busy(app, holding):
 
 def newest(client):
     return client.predict(limit=1, api_name="/history")[0]
-
-
-def _wait(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import re
 import threading
-import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import launch_app, seed_home
+from conftest import launch_app, seed_home, wait_until
 from PIL import Image
 
 from masuka.settings import Settings
@@ -50,16 +49,6 @@ def auth_app(tiny_model_dir, tmp_path_factory):
 def auth_api(auth_app):
     with httpx.Client(base_url=auth_app.url.rstrip("/"), timeout=60) as client:
         yield client
-
-
-def wait_until(check, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def poll_until_ended(api, job_id: str, **kwargs) -> dict:

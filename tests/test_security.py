@@ -20,7 +20,7 @@ import httpx
 import pytest
 from gradio_client.exceptions import AppError
 
-from conftest import ROOT, launch_app, seed_home
+from conftest import ROOT, launch_app, seed_home, wait_until
 
 GENERATE_ARGS = ("prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images")
 SHARE_ENV = ("GRADIO_SHARE", "MASUKA_AUTH", "COLAB_RELEASE_TAG", "COLAB_GPU")
@@ -207,16 +207,6 @@ def test_password_guards_page_api_and_files_and_jobs_record_the_user(monkeypatch
 # --------------------------------------------------------------------------- 2. the queue
 
 
-def _wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
 
     app = launch_app(replace(settings, queue_size=2))
@@ -224,7 +214,7 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
     try:
         client = app.client()
         long_job = client.submit(prompt="a long one", steps=100, width=1024, height=1024, api_name="/generate")
-        running = _wait_for(manager.running_job_id, what="the long job to run")
+        running = wait_until(manager.running_job_id, what="the long job to run")
 
         # Reads share no group with the GPU: they answer at once while it works.
         for name, kwargs in [
@@ -244,7 +234,7 @@ def test_queue_is_bounded_reads_answer_at_once_and_cannot_be_skipped(settings):
 
         # Two more wait in the runner's queue (queue_size=2); the next one, by any way in, is refused.
         waiting = [app.client().submit(prompt=f"waiting {i}", steps=1, api_name="/generate") for i in range(2)]
-        _wait_for(lambda: manager.queue_length() == 2, what="two jobs to wait in the queue")
+        wait_until(lambda: manager.queue_length() == 2, what="two jobs to wait in the queue")
         with pytest.raises(AppError, match="queue is full"):
             app.client().predict(prompt="one too many", steps=1, api_name="/generate")
         event, message = raw_call(app.url, "generate", generate_body(prompt="raw extra"))
