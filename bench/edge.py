@@ -769,10 +769,10 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         b, m = idle["bare"]["pct"], idle["masuka"]["pct"]
         lines.append(f"| idle CPU {what} | {pct(b)} | {pct(m)} | {pct(m - b)} | ≤ {GOAL_IDLE_PCT:g} % | "
                      f"{met(m <= GOAL_IDLE_PCT)} |")
-    cpu = {k: statistics.median(v) for k, v in result["cpu"].items()}
+    cpu = {k: statistics.fmean(v) for k, v in result["cpu"].items()}  # means: psutil counts 10 ms ticks
     notes = [
         f"paired estimate (median over calls of (MASUKA - pipeline) / bare): x{paired:.2f}",
-        f"server process CPU per call (medians, less sensitive to other load than wall time): bare Gradio "
+        f"server process CPU per call (means, less sensitive to other load than wall time): bare Gradio "
         f"{ms(cpu['bare'])}, MASUKA {ms(cpu['masuka'])}, pipeline alone {ms(cpu['pipeline'])}; MASUKA minus "
         f"pipeline minus bare: {ms(cpu['masuka'] - cpu['pipeline'] - cpu['bare'])}",
         f"PNG returned by both apps: {result['png_bytes']:,} bytes (the bare app's is one MASUKA made)",

@@ -44,3 +44,19 @@ def test_edge_bench_prints_the_table(tmp_path, tiny_model_dir):
         assert abs(diff - (masuka_pct - bare_pct)) < 0.02
     assert (out / "edge.json").is_file()
     assert "network: 0 connection(s) or look-up(s) off this machine refused" in table
+
+
+def test_saved_png_holds_the_exact_pixels_and_is_compressed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from masuka.store.outputs import read_metadata, save_image
+
+    gradient = np.add.outer(np.arange(256), np.arange(256)).astype(np.uint8) // 2
+    rng = np.random.default_rng(0)
+    pixels = np.stack([gradient, gradient.T, rng.integers(0, 4, (256, 256), dtype=np.uint8)], axis=-1)
+    meta = {"prompt": "a gradient", "seed": 1, "job_id": "j1"}
+    saved = save_image(Image.fromarray(pixels), tmp_path, meta, "j1-0-1")
+    assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), pixels)  # lossless
+    assert saved.stat().st_size < pixels.nbytes / 2  # and still compressed
+    assert read_metadata(saved) == meta
