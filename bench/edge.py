@@ -212,9 +212,15 @@ def serve_bare(args: argparse.Namespace) -> None:
     spans = Spans()
     if args.profile:
         time_events(demo, spans)
-    reply({"ready": url, "pid": os.getpid()})
-    command_loop({"png": set_png, **server_commands(spans)})
+    reply({"ready": url, "pid": os.getpid(), "loop_tid": loop_thread_id(demo)})
+    command_loop({"png": set_png, **server_commands(spans, demo)})
     leave()
+
+
+def loop_thread_id(demo: Any) -> int | None:
+    """Native id of the thread that runs Gradio's server and event loop (uvicorn's)."""
+    thread = getattr(getattr(demo, "server", None), "thread", None)
+    return getattr(thread, "native_id", None)
 
 
 def leave() -> None:
@@ -224,15 +230,54 @@ def leave() -> None:
     os._exit(0)
 
 
-def server_commands(spans: Spans) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+class LoopProfile:
+    """cProfile of Gradio's event-loop thread (a profiler only sees the thread that enables it)."""
+
+    def __init__(self, demo: Any):
+        servers = getattr(getattr(demo, "server", None), "servers", None) or []
+        self.loop = getattr(servers[0], "_loop", None) if servers else None
+        self.profiler: Any = None
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        import asyncio
+
+        async def run() -> None:
+            fn()
+
+        if self.loop is None:
+            raise RuntimeError("Gradio's event loop was not found")
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
+
+    def start(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        import cProfile
+
+        self.profiler = cProfile.Profile()
+        self._on_loop(self.profiler.enable)
+        return {}
+
+    def stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        import io
+        import pstats
+
+        self._on_loop(self.profiler.disable)
+        text = io.StringIO()
+        stats = pstats.Stats(self.profiler, stream=text)
+        stats.sort_stats(cmd.get("sort", "tottime")).print_stats(int(cmd.get("top", 25)))
+        return {"profile": text.getvalue()}
+
+
+def server_commands(spans: Spans, demo: Any) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     def clear(_cmd: dict[str, Any]) -> dict[str, Any]:
         spans.clear()
         return {}
 
+    loop_profile = LoopProfile(demo)
     return {
         "threads": lambda _c: {"threads": thread_names()},
         "spans": lambda _c: {"spans": spans.summary()},
         "clear_spans": clear,
+        "loop_profile_start": loop_profile.start,
+        "loop_profile_stop": loop_profile.stop,
     }
 
 
@@ -296,9 +341,11 @@ def time_events(demo: Any, spans: Spans) -> None:
 
 
 def set_queue_poll(demo: Any, seconds: float | None) -> None:
-    """Diagnostic: Gradio's queue loop looks for new events every `sleep_when_free` s (1 ms on Linux)."""
+    """Diagnostic: Gradio's queue loops poll, for new events every `sleep_when_free` s (1 ms on
+    Linux) and for progress every `progress_update_sleep_when_free` s (10 ms), client or not."""
     if seconds is not None:
         demo._queue.sleep_when_free = seconds
+        demo._queue.progress_update_sleep_when_free = seconds
 
 
 def instrument(studio: Any, spans: Spans) -> None:
@@ -486,8 +533,8 @@ def serve_masuka(args: argparse.Namespace) -> None:
             out["micro"]["validate_ms"] = (time.perf_counter() - start) / 9 * 1000
         return out
 
-    reply({"ready": url, "pid": os.getpid()})
-    command_loop({"raw": raw, "sample": sample, **server_commands(spans)})
+    reply({"ready": url, "pid": os.getpid(), "loop_tid": loop_thread_id(demo)})
+    command_loop({"raw": raw, "sample": sample, **server_commands(spans, demo)})
     studio.close()  # the job store and the runner; Gradio's server goes with the process
     leave()
 
@@ -518,12 +565,14 @@ class Server:
         import psutil
 
         self.process = psutil.Process(self.pid)
+        self.loop_tid: int | None = ready.get("loop_tid")
         self.ready = True
 
-    def cpu(self) -> float:
-        """The server process's CPU time so far (user + system), seconds."""
+    def cpu(self) -> tuple[float, float]:
+        """CPU time so far (user + system, seconds): the whole server process, and its event-loop thread."""
         t = self.process.cpu_times()
-        return t.user + t.system
+        loop = next((x.user_time + x.system_time for x in self.process.threads() if x.id == self.loop_tid), 0.0)
+        return t.user + t.system, loop
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -677,7 +726,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         call = dict(prompt=PROMPT, lora="", lora_scale=1.0, seed=SEED, steps=args.steps, guidance=None,
                     width=args.size, height=args.size, num_images=1, api_name="/generate")
         bare_t, masuka_t, raw_t = Series(), Series(), Series()
-        cpu: dict[str, list[float]] = {"bare": [], "masuka": [], "pipeline": []}
+        cpu: dict[str, list[float]] = {"bare": [], "masuka": [], "pipeline": [], "bare_loop": [], "masuka_loop": []}
         for i in range(args.warmup + args.calls):
             c0 = bare.cpu()
             start = time.perf_counter()
@@ -694,12 +743,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             answer = masuka.command("raw", n=1, size=args.size, steps=args.steps)
             t_raw = answer["seconds"][0]
             if i >= args.warmup:
-                cpu["bare"].append(c1 - c0)
-                cpu["masuka"].append(c3 - c2)
+                cpu["bare"].append(c1[0] - c0[0])
+                cpu["masuka"].append(c3[0] - c2[0])
+                cpu["bare_loop"].append(c1[1] - c0[1])
+                cpu["masuka_loop"].append(c3[1] - c2[1])
                 cpu["pipeline"].append(answer["cpu_seconds"][0])
             if i == args.warmup - 1 and args.profile:
                 masuka.command("clear_spans")
                 bare.command("clear_spans")
+                if args.loop_profile:
+                    masuka.command("loop_profile_start")
+                    bare.command("loop_profile_start")
             if i >= args.warmup:
                 bare_t.values.append(t_bare)
                 masuka_t.values.append(t_masuka)
@@ -714,6 +768,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.profile:
             result["spans"] = masuka.command("spans")["spans"]
             result["bare_spans"] = bare.command("spans")["spans"]
+            if args.loop_profile:
+                result["loop_profile"] = {s.kind: s.command("loop_profile_stop")["profile"] for s in (bare, masuka)}
         time.sleep(args.settle_seconds)
         log.info("idle CPU after the calls (client closed), %.0f s", args.idle_seconds)
         result["idle_after"] = measure_idle([bare, masuka], args.idle_seconds)
@@ -774,7 +830,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"paired estimate (median over calls of (MASUKA - pipeline) / bare): x{paired:.2f}",
         f"server process CPU per call (means, less sensitive to other load than wall time): bare Gradio "
         f"{ms(cpu['bare'])}, MASUKA {ms(cpu['masuka'])}, pipeline alone {ms(cpu['pipeline'])}; MASUKA minus "
-        f"pipeline minus bare: {ms(cpu['masuka'] - cpu['pipeline'] - cpu['bare'])}",
+        f"pipeline minus bare: {ms(cpu['masuka'] - cpu['pipeline'] - cpu['bare'])}; of which Gradio's event-loop "
+        f"thread: bare {ms(cpu['bare_loop'])}, MASUKA {ms(cpu['masuka_loop'])}",
         f"PNG returned by both apps: {result['png_bytes']:,} bytes (the bare app's is one MASUKA made)",
         f"network: {result['network_refused']} connection(s) or look-up(s) off this machine refused",
     ]
@@ -811,10 +868,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=20.0, help="each idle CPU window")
     p.add_argument("--settle-seconds", type=float, default=2.0, help="wait before each idle window")
     p.add_argument("--profile", action="store_true", help="time the parts of MASUKA's calls inside its process")
+    p.add_argument("--loop-profile", action="store_true",
+                   help="with --profile: cProfile Gradio's event-loop thread in both apps (written to edge.json)")
     p.add_argument("--db-backup", action="store_true", help="run MASUKA with a job-history backup file")
     p.add_argument("--gradio-poll-s", type=float, default=None,
-                   help="diagnostic: set Gradio's queue poll interval in both apps (Gradio's default on Linux: "
-                   "0.001 s); shows how much idle CPU is Gradio's own queue loop")
+                   help="diagnostic: set Gradio's queue poll intervals in both apps (Gradio's defaults on Linux: "
+                   "0.001 s for new events, 0.01 s for progress); shows how much idle CPU is Gradio's own")
     p.add_argument("--models-dir", default=None, help="where the built-in tiny model is (built there if missing; "
                    "default: a fresh build in the run's temporary folder)")
     p.add_argument("--out", default=None, help="folder for edge.md/edge.json (default: $OUT when set)")
