@@ -60,3 +60,16 @@ def test_saved_png_holds_the_exact_pixels_and_is_compressed(tmp_path):
     assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), pixels)  # lossless
     assert saved.stat().st_size < pixels.nbytes / 2  # and still compressed
     assert read_metadata(saved) == meta
+
+
+def test_a_queued_job_is_recorded_with_its_seeds_in_one_write(tmp_path):
+    import pytest
+
+    from masuka.store.jobs import JobStore
+
+    with JobStore(tmp_path / "masuka.db") as store:
+        job_id = store.create(params={"prompt": "p", "seed": -1}, loras=[], status="queued", seeds=[5, 6])
+        assert store.get(job_id)["seeds"] == [5, 6]
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            store.create(params={"prompt": "p"}, loras=[], status="queued", seeds=["x"])
+        assert [r["job_id"] for r in store.list()] == [job_id]  # the refused one left no record

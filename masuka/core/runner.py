@@ -230,8 +230,8 @@ class Runner:
                 user=user,
                 session=session,
                 status="queued",
+                seeds=seeds,  # one write: no set_seeds round trip after
             )
-            self.jobs.set_seeds(job_id, seeds)
             ticket = Ticket(job_id, request, params, seeds, user, session, on_step)
             ticket.steps_total = request.steps * request.num_images
             self._waiting.append(ticket)

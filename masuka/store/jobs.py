@@ -578,8 +578,11 @@ class JobStore:
         user: str | None = None,
         session: str | None = None,
         status: str = "running",
+        seeds: list[int] | None = None,
     ) -> str:
-        """Record a new job owned by this store's process; return its id."""
+        """Record a new job owned by this store's process; return its id.
+
+        ``seeds``: the seeds already drawn, stored in the same transaction (no set_seeds after)."""
         if status not in ACTIVE_STATUSES:
             raise ValueError(f"a new job must be 'queued' or 'running', got {status!r}")
         if not isinstance(params, Mapping):
@@ -590,6 +593,7 @@ class JobStore:
         clean_params = _strip_path_keys(dict(params))
         params_json = _dumps(clean_params, "params")
         loras_json = _dumps(_normalize_loras(loras), "loras")
+        seeds_json = "[]" if seeds is None else _dumps(_check_seeds(seeds), "seeds")
         prompt = params.get("prompt")
         model = params.get("model")
         now = time.time()
@@ -610,7 +614,7 @@ class JobStore:
             "guidance": _maybe_float(params.get("guidance")),
             "num_images": _maybe_int(params.get("num_images")),
             "seed": _maybe_int(params.get("seed")),
-            "seeds": "[]",
+            "seeds": seeds_json,
             "loras": loras_json,
             "params": params_json,
             "outputs": "[]",
