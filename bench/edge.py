@@ -288,10 +288,11 @@ class Spans:
     values: dict[str, list[float]] = field(default_factory=dict)
     marks: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    suffix: str = ""  # set while a job runs without Gradio (calls are sequential)
 
     def add(self, name: str, seconds: float) -> None:
         with self.lock:
-            self.values.setdefault(name, []).append(seconds)
+            self.values.setdefault(name + self.suffix, []).append(seconds)
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         """Time every call of owner.attr (an instance attribute, even on a frozen dataclass)."""
@@ -515,6 +516,23 @@ def serve_masuka(args: argparse.Namespace) -> None:
                 cpu.append(time.process_time() - cpu0)
         return {"seconds": times, "cpu_seconds": cpu}
 
+    def direct_job(cmd: dict[str, Any]) -> dict[str, Any]:
+        """One job through the Studio in this process, without Gradio: MASUKA's own work, apart."""
+        from masuka.studio import Caller
+
+        spans.suffix = " [direct job]"
+        try:
+            start = time.perf_counter()
+            request = studio.validate(prompt=cmd.get("prompt", PROMPT), seed=SEED, steps=cmd["steps"],
+                                      width=cmd["size"], height=cmd["size"])
+            result = studio.generate(request, Caller())
+            seconds = time.perf_counter() - start
+        finally:
+            spans.suffix = ""
+        if result.status != "completed":
+            raise RuntimeError(f"job {result.job_id} ended {result.status}")
+        return {"seconds": seconds}
+
     def sample(cmd: dict[str, Any]) -> dict[str, Any]:
         """The PNG the bare app serves: this pipeline's image, saved the way a job saves it."""
         with studio.runner._pipe_lock:
@@ -534,7 +552,7 @@ def serve_masuka(args: argparse.Namespace) -> None:
         return out
 
     reply({"ready": url, "pid": os.getpid(), "loop_tid": loop_thread_id(demo)})
-    command_loop({"raw": raw, "sample": sample, **server_commands(spans, demo)})
+    command_loop({"raw": raw, "sample": sample, "job": direct_job, **server_commands(spans, demo)})
     studio.close()  # the job store and the runner; Gradio's server goes with the process
     leave()
 
@@ -727,6 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     width=args.size, height=args.size, num_images=1, api_name="/generate")
         bare_t, masuka_t, raw_t = Series(), Series(), Series()
         cpu: dict[str, list[float]] = {"bare": [], "masuka": [], "pipeline": [], "bare_loop": [], "masuka_loop": []}
+        direct: list[float] = []  # --profile: the same job through the Studio, no Gradio
         for i in range(args.warmup + args.calls):
             c0 = bare.cpu()
             start = time.perf_counter()
@@ -742,6 +761,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"MASUKA call {i} did not complete: {record}")
             answer = masuka.command("raw", n=1, size=args.size, steps=args.steps)
             t_raw = answer["seconds"][0]
+            if args.profile:
+                t_direct = masuka.command("job", size=args.size, steps=args.steps)["seconds"]
+                if i >= args.warmup:
+                    direct.append(t_direct)
             if i >= args.warmup:
                 cpu["bare"].append(c1[0] - c0[0])
                 cpu["masuka"].append(c3[0] - c2[0])
@@ -765,6 +788,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clients = []
         result["calls"] = {"bare": bare_t.values, "masuka": masuka_t.values, "pipeline": raw_t.values}
         result["cpu"] = cpu
+        if direct:
+            result["direct_job"] = direct
         if args.profile:
             result["spans"] = masuka.command("spans")["spans"]
             result["bare_spans"] = bare.command("spans")["spans"]
@@ -841,6 +866,13 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
             busiest = ", ".join(f"{t['thread']} {t['pct']:.2f} %" for t in idle["busiest"]) or "none"
             notes.append(f"idle {what}, {kind}: {idle['threads']} threads; busiest: {busiest}")
     lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    if result.get("direct_job"):
+        job = Series(result["direct_job"]).median
+        lines += ["", "## MASUKA's own work and the edge, apart (medians)", "",
+                  f"- the same job through the Studio in MASUKA's process, no Gradio (validate, queue, record, "
+                  f"pipeline, PNG): {ms(job)}; minus the pipeline alone: **{ms(job - pipe.median)}** (MASUKA's own work)",
+                  f"- MASUKA /generate minus that job: **{ms(masuka.median - job)}** (the edge: Gradio, HTTP, SSE, "
+                  f"download) against the bare app's whole call {ms(bare.median)}"]
     if result.get("spans"):
         lines += ["", f"## Where MASUKA's time goes (spans inside its process, median over {n} calls)", "",
                   "| span | median | mean | calls |", "|---|---|---|---|"]
