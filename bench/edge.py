@@ -81,6 +81,7 @@ class NetworkRefused(OSError):
 
 
 REFUSED = "bench/edge.py never reaches the network"
+REFUSAL_LOG_MARK = "NETWORK REFUSED:"  # one log line per refusal; the servers' logs are searched for it
 refusals: list[str] = []  # in this process
 
 
@@ -103,7 +104,7 @@ def forbid_network() -> None:
 
     def refuse(what: str) -> NetworkRefused:
         refusals.append(what)
-        log.warning("%s: refused %s", REFUSED, what)  # the servers' logs are searched for this line
+        log.warning("%s %s", REFUSAL_LOG_MARK, what)
         return NetworkRefused(f"{REFUSED}: refused {what}")
 
     def check(sock: socket.socket, address: Any) -> None:
@@ -472,6 +473,8 @@ def micro_save(image: Any, folder: Path, repeats: int = 9) -> dict[str, Any]:
 
 def serve_masuka(args: argparse.Namespace) -> None:
     """MASUKA's app on the built-in tiny model, plus commands to time the raw pipeline in this process."""
+    if args.masuka_root:  # another checkout's masuka (before/after comparisons), ahead of this one
+        sys.path.insert(0, str(Path(args.masuka_root).resolve()))
     import torch
 
     from masuka.settings import Settings
@@ -488,7 +491,8 @@ def serve_masuka(args: argparse.Namespace) -> None:
         link = home / "models" / built.name
         if not link.exists():
             link.symlink_to(built, target_is_directory=True)
-    settings = Settings(home=home, port=args.port, db_backup=Path(args.db_backup) if args.db_backup else None)
+    settings = Settings(home=home, port=args.port,
+                        db_backup=Path(args.db_backup_file) if args.db_backup_file else None)
     studio = build_studio(settings)
     spans = Spans()
     if args.profile:
@@ -551,7 +555,10 @@ def serve_masuka(args: argparse.Namespace) -> None:
             out["micro"]["validate_ms"] = (time.perf_counter() - start) / 9 * 1000
         return out
 
-    reply({"ready": url, "pid": os.getpid(), "loop_tid": loop_thread_id(demo)})
+    import masuka
+
+    reply({"ready": url, "pid": os.getpid(), "loop_tid": loop_thread_id(demo),
+           "masuka": str(Path(masuka.__file__).parent)})
     command_loop({"raw": raw, "sample": sample, "job": direct_job, **server_commands(spans, demo)})
     studio.close()  # the job store and the runner; Gradio's server goes with the process
     leave()
@@ -584,6 +591,7 @@ class Server:
 
         self.process = psutil.Process(self.pid)
         self.loop_tid: int | None = ready.get("loop_tid")
+        self.package: str | None = ready.get("masuka")
         self.ready = True
 
     def cpu(self) -> tuple[float, float]:
@@ -666,6 +674,7 @@ def measure_idle(servers: list[Server], seconds: float) -> dict[str, dict[str, A
             "pct": (cpu_seconds(s.pid) - total0) / wall * 100,
             "wall_s": wall,
             "threads": len(threads1),
+            "thread_names": sorted(names[s.kind].values()),
             "busiest": [
                 {"thread": names[s.kind].get(tid, f"native {tid}"), "pct": dt / wall * 100}
                 for tid, dt in busy[:4] if dt > 0
@@ -715,13 +724,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clients: list[Any] = []
     try:
         masuka_argv = ["--port", str(free_port()), "--home", str(work / "home")]
+        if args.masuka_root:
+            masuka_argv += ["--masuka-root", str(Path(args.masuka_root).resolve())]
         if args.models_dir:
             masuka_argv += ["--models-dir", args.models_dir]
         common = (["--profile"] if args.profile else []) + (
             ["--gradio-poll-s", str(args.gradio_poll_s)] if args.gradio_poll_s is not None else [])
         masuka_argv += common
         if args.db_backup:
-            masuka_argv += ["--db-backup", str(work / "backup" / "masuka.db")]
+            masuka_argv += ["--db-backup-file", str(work / "backup" / "masuka.db")]
         log.info("starting MASUKA's app (tiny model) and the bare Gradio app, each in its own process")
         bare_dir = work / "bare"
         bare_dir.mkdir()
@@ -734,6 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sample = masuka.command("sample", size=args.size, steps=args.steps, folder=str(bare_dir))
         bare.command("png", path=sample["png"])
         result["png_bytes"] = sample["bytes"]
+        result["masuka_package"] = masuka.package
         result["micro"] = sample.get("micro")
         time.sleep(args.settle_seconds)
         log.info("idle CPU after start (no client), %.0f s", args.idle_seconds)
@@ -805,7 +817,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for server in reversed(servers):
             server.close()
         result["network_refused"] = len(refusals) + sum(
-            s.log_path.read_text(encoding="utf-8", errors="replace").count(REFUSED) for s in servers)
+            s.log_path.read_text(encoding="utf-8", errors="replace").count(REFUSAL_LOG_MARK) for s in servers)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return result
@@ -859,6 +871,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"thread: bare {ms(cpu['bare_loop'])}, MASUKA {ms(cpu['masuka_loop'])}",
         f"PNG returned by both apps: {result['png_bytes']:,} bytes (the bare app's is one MASUKA made)",
         f"network: {result['network_refused']} connection(s) or look-up(s) off this machine refused",
+        f"MASUKA code measured: {result.get('masuka_package')}",
     ]
     for key, what in (("idle_start", "after start"), ("idle_after", "after the calls")):
         for kind in ("bare", "masuka"):
@@ -908,6 +921,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "0.001 s for new events, 0.01 s for progress); shows how much idle CPU is Gradio's own")
     p.add_argument("--models-dir", default=None, help="where the built-in tiny model is (built there if missing; "
                    "default: a fresh build in the run's temporary folder)")
+    p.add_argument("--masuka-root", default=None,
+                   help="run MASUKA's server from another checkout's masuka package (e.g. `git archive` of an "
+                   "older commit), to compare before/after on the same machine")
     p.add_argument("--out", default=None, help="folder for edge.md/edge.json (default: $OUT when set)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs)")
     # Internal: run one of the servers (this script starts them itself).
@@ -915,6 +931,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--home", help=argparse.SUPPRESS)
     p.add_argument("--png-dir", help=argparse.SUPPRESS)
+    p.add_argument("--db-backup-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.calls < 1 or args.warmup < 0 or args.idle_seconds <= 0:
         p.error("--calls must be at least 1, --warmup at least 0 and --idle-seconds positive")
