@@ -570,9 +570,9 @@ def serve_masuka(args: argparse.Namespace) -> None:
 class Server:
     """A server subprocess: its URL, its pid, and the command channel."""
 
-    def __init__(self, kind: str, argv: list[str], work: Path, env: dict[str, str]):
-        self.kind = kind
-        self.log_path = work / f"{kind}-server.log"
+    def __init__(self, kind: str, argv: list[str], work: Path, env: dict[str, str], label: str | None = None):
+        self.kind = label or kind  # "bare", "masuka" or "compare" (a second MASUKA)
+        self.log_path = work / f"{self.kind}-server.log"
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", kind, *argv],
@@ -713,6 +713,27 @@ def met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def masuka_argv(args: argparse.Namespace, work: Path, home: str, root: str | None, common: list[str]) -> list[str]:
+    argv = ["--port", str(free_port()), "--home", str(work / home), *common]
+    if root:
+        argv += ["--masuka-root", str(Path(root).resolve())]
+    if args.models_dir:
+        argv += ["--models-dir", args.models_dir]
+    if args.db_backup:
+        argv += ["--db-backup-file", str(work / f"backup-{home}" / "masuka.db")]
+    return argv
+
+
+def timed_predict(server: Server, client: Any, call: dict[str, Any]) -> tuple[float, float, float, Any]:
+    """One predict: (seconds, server CPU seconds, its event-loop thread's CPU seconds, result)."""
+    cpu0, loop0 = server.cpu()
+    start = time.perf_counter()
+    out = client.predict(**call)
+    seconds = time.perf_counter() - start
+    cpu1, loop1 = server.cpu()
+    return seconds, cpu1 - cpu0, loop1 - loop0, out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gradio_client import Client
 
@@ -721,84 +742,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="masuka-edge-"))
     result: dict[str, Any] = {"args": vars(args), "load_before": load_note(), "work": str(work)}
     servers: list[Server] = []
-    clients: list[Any] = []
+    clients: dict[str, Any] = {}
     try:
-        masuka_argv = ["--port", str(free_port()), "--home", str(work / "home")]
-        if args.masuka_root:
-            masuka_argv += ["--masuka-root", str(Path(args.masuka_root).resolve())]
-        if args.models_dir:
-            masuka_argv += ["--models-dir", args.models_dir]
         common = (["--profile"] if args.profile else []) + (
             ["--gradio-poll-s", str(args.gradio_poll_s)] if args.gradio_poll_s is not None else [])
-        masuka_argv += common
-        if args.db_backup:
-            masuka_argv += ["--db-backup-file", str(work / "backup" / "masuka.db")]
         log.info("starting MASUKA's app (tiny model) and the bare Gradio app, each in its own process")
         bare_dir = work / "bare"
         bare_dir.mkdir()
-        masuka = Server("masuka", masuka_argv, work, env)
+        masuka = Server("masuka", masuka_argv(args, work, "home", args.masuka_root, common), work, env)
         servers.append(masuka)
         bare = Server("bare", ["--port", str(free_port()), "--png-dir", str(bare_dir), *common], work, env)
         servers.append(bare)
-        masuka.wait_ready()
-        bare.wait_ready()
+        if args.compare_root:
+            servers.append(Server("masuka", masuka_argv(args, work, "home-compare", args.compare_root, common),
+                                  work, env, label="compare"))
+        for server in servers:
+            server.wait_ready()
+        compare = servers[2] if args.compare_root else None
         sample = masuka.command("sample", size=args.size, steps=args.steps, folder=str(bare_dir))
         bare.command("png", path=sample["png"])
         result["png_bytes"] = sample["bytes"]
         result["masuka_package"] = masuka.package
+        result["compare_package"] = compare.package if compare else None
         result["micro"] = sample.get("micro")
         time.sleep(args.settle_seconds)
         log.info("idle CPU after start (no client), %.0f s", args.idle_seconds)
-        result["idle_start"] = measure_idle([bare, masuka], args.idle_seconds)
+        result["idle_start"] = measure_idle(servers, args.idle_seconds)
 
-        clients = [Client(bare.url, verbose=False), Client(masuka.url, verbose=False)]
-        bare_client, masuka_client = clients
+        clients = {s.kind: Client(s.url, verbose=False) for s in servers}
         call = dict(prompt=PROMPT, lora="", lora_scale=1.0, seed=SEED, steps=args.steps, guidance=None,
                     width=args.size, height=args.size, num_images=1, api_name="/generate")
-        bare_t, masuka_t, raw_t = Series(), Series(), Series()
-        cpu: dict[str, list[float]] = {"bare": [], "masuka": [], "pipeline": [], "bare_loop": [], "masuka_loop": []}
+        times: dict[str, list[float]] = {s.kind: [] for s in servers} | {"pipeline": []}
+        cpu: dict[str, list[float]] = {k: [] for k in times} | {f"{s.kind}_loop": [] for s in servers}
         direct: list[float] = []  # --profile: the same job through the Studio, no Gradio
         for i in range(args.warmup + args.calls):
-            c0 = bare.cpu()
-            start = time.perf_counter()
-            bare_client.predict(**call)
-            t_bare = time.perf_counter() - start
-            c1 = bare.cpu()
-            c2 = masuka.cpu()
-            start = time.perf_counter()
-            images, record = masuka_client.predict(**call)
-            t_masuka = time.perf_counter() - start
-            c3 = masuka.cpu()
-            if record.get("status") != "completed" or len(images) != 1:
-                raise RuntimeError(f"MASUKA call {i} did not complete: {record}")
+            timed = i >= args.warmup
+            # bare, then MASUKA (with --compare-root the two MASUKAs take turns going first), then the pipeline
+            order = [bare, masuka, compare] if i % 2 == 0 else [bare, compare, masuka]
+            for server in [s for s in order if s is not None]:
+                seconds, server_cpu, loop_cpu, out = timed_predict(server, clients[server.kind], call)
+                if server is not bare and (out[1].get("status") != "completed" or len(out[0]) != 1):
+                    raise RuntimeError(f"{server.kind} call {i} did not complete: {out[1]}")
+                if timed:
+                    times[server.kind].append(seconds)
+                    cpu[server.kind].append(server_cpu)
+                    cpu[f"{server.kind}_loop"].append(loop_cpu)
             answer = masuka.command("raw", n=1, size=args.size, steps=args.steps)
-            t_raw = answer["seconds"][0]
             if args.profile:
                 t_direct = masuka.command("job", size=args.size, steps=args.steps)["seconds"]
-                if i >= args.warmup:
+                if timed:
                     direct.append(t_direct)
-            if i >= args.warmup:
-                cpu["bare"].append(c1[0] - c0[0])
-                cpu["masuka"].append(c3[0] - c2[0])
-                cpu["bare_loop"].append(c1[1] - c0[1])
-                cpu["masuka_loop"].append(c3[1] - c2[1])
+            if timed:
+                times["pipeline"].append(answer["seconds"][0])
                 cpu["pipeline"].append(answer["cpu_seconds"][0])
             if i == args.warmup - 1 and args.profile:
-                masuka.command("clear_spans")
-                bare.command("clear_spans")
-                if args.loop_profile:
-                    masuka.command("loop_profile_start")
-                    bare.command("loop_profile_start")
-            if i >= args.warmup:
-                bare_t.values.append(t_bare)
-                masuka_t.values.append(t_masuka)
-                raw_t.values.append(t_raw)
+                for server in (masuka, bare):
+                    server.command("clear_spans")
+                    if args.loop_profile:
+                        server.command("loop_profile_start")
             if (i + 1) % 10 == 0:
-                log.info("call %d: bare %s, MASUKA %s, pipeline %s", i + 1, ms(t_bare), ms(t_masuka), ms(t_raw))
-        for client in clients:
+                log.info("round %d: %s", i + 1, ", ".join(f"{k} {ms(v[-1])}" for k, v in times.items() if v))
+        for client in clients.values():
             client.close()
-        clients = []
-        result["calls"] = {"bare": bare_t.values, "masuka": masuka_t.values, "pipeline": raw_t.values}
+        clients = {}
+        result["calls"] = times
         result["cpu"] = cpu
         if direct:
             result["direct_job"] = direct
@@ -809,10 +816,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["loop_profile"] = {s.kind: s.command("loop_profile_stop")["profile"] for s in (bare, masuka)}
         time.sleep(args.settle_seconds)
         log.info("idle CPU after the calls (client closed), %.0f s", args.idle_seconds)
-        result["idle_after"] = measure_idle([bare, masuka], args.idle_seconds)
+        result["idle_after"] = measure_idle(servers, args.idle_seconds)
         result["load_after"] = load_note()
     finally:
-        for client in clients:
+        for client in clients.values():
             client.close()
         for server in reversed(servers):
             server.close()
@@ -828,6 +835,23 @@ def versions() -> str:
 
     packages = ("gradio", "gradio_client", "torch", "diffusers", "pillow")
     return ", ".join([f"Python {sys.version.split()[0]}"] + [f"{name} {version(name)}" for name in packages])
+
+
+def compare_rows(result: dict[str, Any], bare: Series, pipe: Series) -> list[str]:
+    """With --compare-root: the other MASUKA's rows, and the paired per-call difference."""
+    if "compare" not in result["calls"]:
+        return []
+    this, other = Series(result["calls"]["masuka"]), Series(result["calls"]["compare"])
+    overhead = other.median - pipe.median
+    diff = Series([o - t for o, t in zip(other.values, this.values)])
+    return [
+        f"| MASUKA from `{result['compare_package']}`, per call | {ms(other.median)} | {ms(other.quantile(.1))} | "
+        f"{ms(other.quantile(.9))} | | |",
+        f"| its overhead / bare Gradio per call | x{overhead / bare.median:.2f} | | | ≤ x{GOAL_RATIO:g} | "
+        f"{met(overhead / bare.median <= GOAL_RATIO)} |",
+        f"| per call, that MASUKA minus this one (paired, same round; p25 / p75) | {ms(diff.median)} | "
+        f"{ms(diff.quantile(.25))} | {ms(diff.quantile(.75))} | | |",
+    ]
 
 
 def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
@@ -852,6 +876,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"| MASUKA overhead beyond the pipeline | {ms(overhead)} | | | ≤ {ms(GOAL_RATIO * bare.median)} | "
         f"{met(ratio <= GOAL_RATIO)} |",
         f"| overhead / bare Gradio per call | x{ratio:.2f} | | | ≤ x{GOAL_RATIO:g} | {met(ratio <= GOAL_RATIO)} |",
+        *compare_rows(result, bare, pipe),
         "",
         f"| idle CPU, % of one core over {args.idle_seconds:g} s, no client | bare Gradio | MASUKA | "
         "MASUKA minus bare | goal (MASUKA) | met |",
@@ -871,8 +896,12 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"thread: bare {ms(cpu['bare_loop'])}, MASUKA {ms(cpu['masuka_loop'])}",
         f"PNG returned by both apps: {result['png_bytes']:,} bytes (the bare app's is one MASUKA made)",
         f"network: {result['network_refused']} connection(s) or look-up(s) off this machine refused",
-        f"MASUKA code measured: {result.get('masuka_package')}",
+        f"MASUKA code measured: {result.get('masuka_package')}"
+        + (f"; compared with: {result['compare_package']}" if result.get("compare_package") else ""),
     ]
+    if result.get("compare_package"):
+        for key, what in (("idle_start", "after start"), ("idle_after", "after the calls")):
+            notes.append(f"idle CPU {what}, the compared MASUKA: {pct(result[key]['compare']['pct'])}")
     for key, what in (("idle_start", "after start"), ("idle_after", "after the calls")):
         for kind in ("bare", "masuka"):
             idle = result[key][kind]
@@ -924,6 +953,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masuka-root", default=None,
                    help="run MASUKA's server from another checkout's masuka package (e.g. `git archive` of an "
                    "older commit), to compare before/after on the same machine")
+    p.add_argument("--compare-root", default=None,
+                   help="also run MASUKA from another checkout's masuka package, in a third process, alternating "
+                   "with this one call by call: a before/after comparison under the same load")
     p.add_argument("--out", default=None, help="folder for edge.md/edge.json (default: $OUT when set)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs)")
     # Internal: run one of the servers (this script starts them itself).
