@@ -431,9 +431,25 @@ def instrument(studio: Any, spans: Spans) -> None:
 
     runner.submit = submit
     object.__setattr__(jobs, "mark_running", mark_running)
+    time_garbage_collection(spans)
     runner._finish = finish
     object.__setattr__(studio, "outcome", outcome)
     spans.wrap(gpu, "save_file_to_cache", "Gradio: copy the output into its cache (hash + copy)")
+
+
+def time_garbage_collection(spans: Spans) -> None:
+    """Python's cyclic GC pauses every thread: time each collection, by generation."""
+    import gc
+
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            spans.add(f"GC pause, generation {info['generation']} (any thread)", time.perf_counter() - started.pop("t"))
+
+    gc.callbacks.append(callback)
 
 
 def micro_save(image: Any, folder: Path, repeats: int = 9) -> dict[str, Any]:
