@@ -172,6 +172,7 @@ class Runner:
         self._closed = False
         # Called with the job id once a job's end is recorded (e.g. the history backup).
         self._job_listeners = tuple(job_listeners or ())
+        self._exec_device: Any = None  # see _execution_device
 
     # ---- read-only views -------------------------------------------------
     @property
@@ -268,8 +269,8 @@ class Runner:
                 user=user,
                 session=session,
                 status="queued",
+                seeds=seeds,  # one write: no set_seeds round trip after
             )
-            self.jobs.set_seeds(job_id, seeds)
             ticket = Ticket(job_id, request, params, seeds, user, session, on_step)
             ticket.steps_total = request.steps * request.num_images
             self._waiting.append(ticket)
@@ -434,7 +435,7 @@ class Runner:
                     raise JobCancelled()
                 return kwargs
 
-            exec_device = getattr(pipe, "_execution_device", self.loaded.device)
+            exec_device = self._execution_device()
             with torch.inference_mode():
                 prompt_embeds, pooled, _ids = pipe.encode_prompt(
                     prompt=request.prompt,
@@ -485,6 +486,14 @@ class Runner:
                 # The traceback's frames hold tensors; drop them before memory is released.
                 del exc
                 gc.collect()
+
+    def _execution_device(self) -> Any:
+        """Where the prompt embeddings go.  Fixed once the memory profile has placed the weights
+        (at load; nothing moves them later), while diffusers' property walks every module for
+        offload hooks on each read (1.2 ms on the tiny model, more on FLUX): so read once."""
+        if self._exec_device is None:
+            self._exec_device = getattr(self.loaded.pipe, "_execution_device", self.loaded.device)
+        return self._exec_device
 
     def _job_ended(self, job_id: str) -> None:
         for listener in self._job_listeners:

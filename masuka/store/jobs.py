@@ -540,11 +540,13 @@ class JobStore:
         user: str | None = None,
         session: str | None = None,
         status: str = "running",
+        seeds: list[int] | None = None,
     ) -> str:
         """Record a new job owned by this store's process; return its id.
 
         ``params`` are a checked request's (``GenerateRequest.params()`` and the model);
         they are not checked again here, only made sure to fit the database.
+        ``seeds``: the seeds already drawn, stored in the same transaction (no set_seeds after).
         """
         if status not in ACTIVE_STATUSES:
             raise ValueError(f"a new job must be 'queued' or 'running', got {status!r}")
@@ -557,6 +559,7 @@ class JobStore:
                 raise ValueError(f"{name} must be a string or None, got {value!r}")
         params_json = _dumps(dict(params), "params")
         loras_json = _dumps(list(loras), "loras")
+        seeds_json = "[]" if seeds is None else _dumps(_check_seeds(seeds), "seeds")
         now = time.time()
         values = {
             "owner_pid": self.owner.pid,
@@ -575,7 +578,7 @@ class JobStore:
             "guidance": params.get("guidance"),
             "num_images": params.get("num_images"),
             "seed": params.get("seed"),
-            "seeds": "[]",
+            "seeds": seeds_json,
             "loras": loras_json,
             "params": params_json,
             "outputs": "[]",
