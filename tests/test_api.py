@@ -45,6 +45,9 @@ def test_generate_history_job_loras(app):
     assert set(rows[0]) >= {"job_id", "created_at", "status", "prompt", "lora", "seed", "steps", "duration_s", "error"}
 
     full = client.predict(job_id=record["job_id"], api_name="/job")
+    # A stranger reading records learns no browser session id (it drove the page's cancel) and no process.
+    assert not {"session", "owner"} & (set(full) | set(record) | set(rows[0]))
+    assert app.studio.jobs.get(record["job_id"])["session"]  # the studio itself still knows it
     assert full["prompt"] == "a red fox" and len(full["outputs"]) == 2 and full["traceback"] in (None, "")
     assert "path" not in set(walk_keys(full))
 
