@@ -134,3 +134,16 @@ def test_every_dotted_name_in_the_architecture_notes_exists():
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if m != "masuka"))
 def test_each_module_imports_on_its_own(module):
     importlib.import_module(module)
+
+
+def test_the_edges_use_only_the_studios_methods():
+    """The page, the Gradio API and REST never reach through the Studio into the pieces it holds."""
+    from dataclasses import fields
+
+    from masuka.studio import Studio
+
+    held = "|".join(f.name for f in fields(Studio))
+    reach = re.compile(rf"\bstudio\.({held})\b")
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in (PACKAGE / "web").rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if reach.search(line)]
+    assert found == []
