@@ -153,9 +153,6 @@ class Studio:
         """Newest jobs first, as table rows."""
         return self.jobs.history(limit=limit, status=status or None, search=search or None)
 
-    def history_frame(self, limit: int = 50, status: str | None = None, search: str | None = None):
-        return self.jobs.dataframe(limit=limit, status=status or None, search=search or None)
-
     def active_jobs(self, *, user: str | None = None, job_ids: list[str] | None = None) -> list[dict[str, Any]]:
         """Queued or running jobs of one login, or among the given ids (a browser's own), oldest first."""
         records = [self.jobs.get(t.job_id) for t in self.runner.tickets()]

@@ -278,7 +278,7 @@ def test_read_only_disk_at_the_final_rename(manager, monkeypatch):
     record = manager.jobs.get(job_id)
     assert record["status"] == "failed" and "Read-only file system" in record["error"]
     assert record["outputs"] == [] and _leftovers(manager.outputs_dir, job_id) == []
-    rows = manager.jobs.dataframe(limit=5)
-    assert rows.iloc[0]["job_id"] == job_id and rows.iloc[0]["status"] == "failed"
+    row = manager.jobs.history(limit=5)[0]
+    assert row["job_id"] == job_id and row["status"] == "failed"
     assert run(manager).status == "completed"
     assert_nothing_stuck(manager)

@@ -132,4 +132,4 @@ def test_history_survives_restart(studio, settings):
 
     again = JobStore(settings.paths.db)
     assert again.get(job.job_id)["status"] == "completed"
-    assert again.dataframe(limit=5).iloc[0]["job_id"] == job.job_id
+    assert again.history(limit=5)[0]["job_id"] == job.job_id

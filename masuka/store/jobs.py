@@ -30,7 +30,7 @@ UTC; no key is named ``"path"`` anywhere (gradio_client downloads such values
 as files): such keys read as ``"file"``.  The database keeps Unix times and the
 requested seed in its ``seed`` column.
 
-Nothing happens at import time: no connection, no mkdir, no pandas import.
+Nothing happens at import time: no connection, no mkdir.
 """
 
 from __future__ import annotations
@@ -49,14 +49,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from masuka.store.atomic import atomic_copy
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas
 
 __all__ = [
     "JOB_STATUSES",
@@ -88,7 +85,7 @@ ALLOWED_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "interrupted": ("queued", "running"),
 }
 
-# The columns of a history row (JobStore.history / JobStore.dataframe), in order.
+# The columns of a history row (JobStore.history), in order.
 HISTORY_COLUMNS = (
     "job_id",
     "created_at",
@@ -798,17 +795,6 @@ class JobStore:
                 }
             )
         return rows
-
-    def dataframe(self, **filters: Any) -> pandas.DataFrame:
-        """:meth:`history` as a table for the page (columns ``HISTORY_COLUMNS``)."""
-        import pandas as pd  # heavy: imported only when a table is wanted
-
-        rows = self.history(**filters)
-        frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
-        for column in ("seed", "requested_seed", "steps"):
-            frame[column] = frame[column].astype("Int64")
-        frame["duration_s"] = frame["duration_s"].astype("float64")
-        return frame
 
 
 # ----------------------------------------------------------------------- backup
