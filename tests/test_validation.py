@@ -147,10 +147,10 @@ GOOD_META = {
 }
 GOOD_FIELDS = {
     "prompt": "a fox", "seed": 42, "steps": 9, "guidance": 2.5, "width": 512, "height": 768,
-    "loras": [("ink", 0.5), ("film-grain", 1.0)], "num_images": 1,
+    "loras": [("ink", 0.5), ("film-grain", 1.0)], "num_images": 1, "speed": "exact",
 }
 DEFAULT_FIELDS = {"prompt": "", "seed": -1, "steps": 28, "guidance": 3.5, "width": 1024, "height": 1024,
-                  "loras": [], "num_images": 1}
+                  "loras": [], "num_images": 1, "speed": "exact"}
 
 
 def _deep(depth: int) -> list:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from masuka.core.lorastate import LoraState
+from masuka.core.speed import StepCache, step_cache
 from masuka.core.requests import MAX_SEED, GenerateRequest, LoraChoice, parse_lora_spec, validate_request
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.types import LoraInUse, LoraResolver
@@ -155,8 +156,10 @@ class Runner:
         lora_cache: LoraStateCache | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         job_listeners: list[Callable[[str], None]] | None = None,
+        step_cache: StepCache | None = None,
     ):
         self.loaded = loaded
+        self.step_cache = step_cache if step_cache is not None else StepCache()  # what a fast job uses
         self.jobs = jobs
         self.loras = loras
         self.outputs_dir = outputs_dir
@@ -263,6 +266,8 @@ class Runner:
             seed = min(seed, MAX_SEED - (request.num_images - 1))
             seeds = [seed + i for i in range(request.num_images)]
             params = request.params() | {"model": self.loaded.spec, "requested_seed": request.seed}
+            if request.speed == "fast":
+                params |= self.step_cache.params()
             job_id = self.jobs.create(
                 params=params,
                 loras=[{"name": lc.name, "scale": lc.scale} for lc in request.loras],
@@ -449,7 +454,10 @@ class Runner:
                     raise JobCancelled()
                 # One generator per image, so image i of a job is reproduced by seed + i alone.
                 generator = torch.Generator(device="cpu").manual_seed(image_seed)
-                with torch.inference_mode():
+                # The cache goes on for this image only and off again in a finally (fresh state per
+                # image; the next exact job, or a failure here, leaves the transformer as loaded).
+                cache = self.step_cache if request.speed == "fast" else None
+                with torch.inference_mode(), step_cache(pipe.transformer, cache):
                     out = pipe(
                         prompt_embeds=prompt_embeds,
                         pooled_prompt_embeds=pooled,
