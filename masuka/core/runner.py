@@ -165,7 +165,7 @@ class Runner:
         self.outputs_dir = outputs_dir
         self.queue_size = queue_size
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
-        self._lora_state = LoraState(loaded.pipe, loras, self.lora_cache, loaded.device)
+        self._lora_state = LoraState(loaded.pipe, loras, self.lora_cache, loaded.device, fp8=loaded.fp8)
         self._pipe_lock = threading.Lock()  # the worker's job, or set_loras from outside a job
         self._state = threading.Condition()  # guards _waiting, _running, _tickets, _closed
         self._waiting: collections.deque[Ticket] = collections.deque()

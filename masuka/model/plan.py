@@ -250,6 +250,8 @@ def tensor_bytes(t: TensorInfo, part: str, storage: str, dtype: str) -> int:
         return dense
     if storage == "nf4":
         return nf4_bytes(t.numel) if t.linear_weight else dense
+    if storage == "fp8":  # --fp8 (torchao float8 weight-only): 1 byte a weight + a float32 scale per row
+        return t.numel + 4 * t.shape[0] if t.linear_weight else dense
     if storage == "int8":
         if not t.linear_weight or (part == "text_encoder_2" and _is_t5_wo(t)):
             return dense
@@ -279,6 +281,8 @@ def storage_short(part: str, storage: str, dtype: str) -> str:
         return dtype + wo
     if storage == "nf4":
         return "NF4"
+    if storage == "fp8":
+        return "fp8"
     if storage == "int8":
         return "int8" + wo
     return storage_label(part, storage, dtype)
@@ -291,6 +295,8 @@ def storage_label(part: str, storage: str, dtype: str) -> str:
         return dtype
     if storage == "nf4":
         return "NF4 (bitsandbytes)"
+    if storage == "fp8":
+        return "fp8 weight-only (torchao), the rest in " + dtype
     if storage == "int8":
         return "int8 (bitsandbytes), wo in " + ("fp32" if dtype == "fp16" else dtype)
     if storage.startswith("gguf:"):
@@ -630,11 +636,12 @@ def gib(n: int) -> str:
 
 def build_plan(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, profile: str = "full",
                placement: str | None = None, dtype: str | None = None, bnb: bool = True,
-               width: int = 1024, height: int = 1024) -> Plan:
+               width: int = 1024, height: int = 1024, fp8: bool = False) -> Plan:
     """What ``profile`` puts where for ``model`` on ``gpu`` (None: CPU only).
 
     ``placement`` says where ``quantized`` puts the weights (``gpu`` or ``model offload``); the other
     profiles have one. ``bnb``: whether bitsandbytes is there (the quantized profile's T5 in 8-bit).
+    ``fp8``: --fp8, a dense transformer's linear weights in float8.
     """
     if profile not in ("full", "offload", "lowvram", "quantized"):
         raise ValueError(f"unknown memory profile {profile!r}")
@@ -651,8 +658,10 @@ def build_plan(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = No
     transformer = model.transformer_storage
     if profile == "quantized" and transformer == "dense":
         transformer = "nf4"
+    if fp8 and transformer == "dense":
+        transformer = "fp8"
     t5 = "int8" if (profile == "quantized" and bnb) else "dense"
-    requires = []
+    requires = ["torchao"] if transformer == "fp8" else []
     if transformer == "nf4" or t5 == "int8":
         requires.append("bitsandbytes")
     if transformer.startswith("gguf:"):
@@ -698,6 +707,9 @@ def _sized_part(sizes: ModelSizes | None, part: str, storage: str, dtype: str) -
         raise ValueError("a model without FLUX.1's architecture needs its sizes")
     if part == "transformer":
         weights = sizes.transformer
+        if storage == "fp8":
+            weights = int(weights * component_bytes(FLUX_DEV, "transformer", "fp8", "bf16")
+                          / component_bytes(FLUX_DEV, "transformer", "dense", "bf16"))
         if storage == "nf4" and not sizes.prequantized:
             # Quantized while loading: the same share of the bf16 bytes as FLUX.1's NF4 transformer.
             weights = int(weights * component_bytes(FLUX_DEV, "transformer", "nf4", "bf16")
