@@ -4,9 +4,9 @@
     python bench/speed.py --steps 4 --iters 1 --thresholds 0.08   # a quick smoke run (CI)
 
 For each threshold it times whole images (the transformer loop and the VAE decode) with
-the cache on, the same way the runner switches it (`masuka.core.speed.step_cache`), and
+the cache on (`--method`: first-block or mag), the same way the runner switches it (`masuka.core.speed.step_cache`), and
 counts how many transformer steps ran in full and how many were skipped (the cache's own
-decision, counted by wrapping diffusers' head-block check). Exact runs are interleaved with
+decision, counted by wrapping diffusers' head-block hook). Exact runs are interleaved with
 the fast ones, and the first exact image is also checked to come back bit-identical after
 the fast runs. Pixel difference: mean absolute difference of the 8-bit RGB image against
 the exact one (0-255). The tiny model has random weights: its skip share is a rough signal,
@@ -39,32 +39,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--iters", type=int, default=3, help="timed images per setting (the median is reported)")
-    p.add_argument("--thresholds", default="0.05,0.08,0.12,0.2,0.35", help="comma-separated FBCache thresholds")
+    p.add_argument("--method", default="first-block", choices=("first-block", "mag"), help="the fast jobs' cache")
+    p.add_argument("--thresholds", default="0.05,0.08,0.12,0.2,0.35", help="comma-separated cache thresholds")
     p.add_argument("--models-dir", type=Path, default=None, help="where the tiny model is (built there if missing)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
 class SkipCounter:
-    """Counts the First Block Cache's decisions: full steps and skipped steps."""
+    """Counts the cache's own decisions, step by step: full steps and skipped steps."""
 
     def __init__(self) -> None:
-        from diffusers.hooks import first_block_cache
+        from diffusers.hooks import first_block_cache, mag_cache
 
         self.full = self.skipped = 0
-        hook = first_block_cache.FBCHeadBlockHook
-        original = hook._should_compute_remaining_blocks
         counter = self
+        fbc = first_block_cache.FBCHeadBlockHook
+        fbc_check = fbc._should_compute_remaining_blocks
 
-        def counted(self, residual):
-            compute = original(self, residual)
-            if compute:
-                counter.full += 1
-            else:
-                counter.skipped += 1
+        def fbc_counted(self, residual):
+            compute = fbc_check(self, residual)
+            counter.count(compute)
             return compute
 
-        hook._should_compute_remaining_blocks = counted
+        fbc._should_compute_remaining_blocks = fbc_counted
+        mag = mag_cache.MagCacheHeadHook
+        mag_forward = mag.new_forward
+
+        def mag_counted(self, module, *args, **kwargs):
+            out = mag_forward(self, module, *args, **kwargs)
+            counter.count(self.state_manager.get_state().should_compute)
+            return out
+
+        mag.new_forward = mag_counted
+
+    def count(self, compute: bool) -> None:
+        if compute:
+            self.full += 1
+        else:
+            self.skipped += 1
 
     def reset(self) -> None:
         self.full = self.skipped = 0
@@ -78,7 +91,7 @@ def image(pipe, args, cache) -> tuple[float, "object"]:
 
     generator = torch.Generator(device="cpu").manual_seed(7)
     started = time.perf_counter()
-    with torch.inference_mode(), step_cache(pipe.transformer, cache):
+    with torch.inference_mode(), step_cache(pipe.transformer, cache, args.steps):
         out = pipe(PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps, guidance_scale=3.5,
                    generator=generator, output_type="np")
     seconds = time.perf_counter() - started
@@ -107,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
         exact_times.append(seconds)
         for t in thresholds:
             counter.reset()
-            seconds, picture = image(pipe, args, StepCache(threshold=t))
+            seconds, picture = image(pipe, args, StepCache(args.method, t))
             fast[t]["times"].append(seconds)
             fast[t]["full"], fast[t]["skipped"] = counter.full, counter.skipped
             pixels[t] = float(np.abs(picture - reference).mean())
@@ -119,13 +132,13 @@ def run(args: argparse.Namespace) -> dict:
         s = statistics.median(fast[t]["times"])
         rows.append({"speed": "fast", "threshold": t, "seconds": s, "full": fast[t]["full"],
                      "skipped": fast[t]["skipped"], "speedup": exact_s / s, "pixel_diff": pixels[t]})
-    return {"steps": args.steps, "size": args.size, "iters": args.iters, "torch_threads": torch.get_num_threads(),
+    return {"method": args.method, "steps": args.steps, "size": args.size, "iters": args.iters, "torch_threads": torch.get_num_threads(),
             "exact_unchanged_after_fast": bool(np.array_equal(reference, after)), "rows": rows}
 
 
 def table(result: dict) -> str:
     lines = [
-        f"Tiny model, CPU, {result['size']}x{result['size']}, {result['steps']} steps, median of "
+        f"Tiny model, CPU, cache {result['method']}, {result['size']}x{result['size']}, {result['steps']} steps, median of "
         f"{result['iters']} image(s), {result['torch_threads']} torch threads.",
         "",
         "| speed | threshold | s/image | transformer steps run | skipped | speed-up | mean pixel diff vs exact |",

@@ -260,7 +260,7 @@ def build_studio(settings: Settings, *, loaded: LoadedModel | None = None) -> St
         lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
         queue_size=settings.queue_size,
         job_listeners=[backup.request] if backup is not None else [],
-        step_cache=StepCache(settings.cache, settings.cache_threshold),
+        step_cache=StepCache.from_settings(settings.cache, settings.cache_threshold),
     )
     if backup is not None:
         backup.request()  # the interrupted marks above belong in the backup too

@@ -457,7 +457,7 @@ class Runner:
                 # The cache goes on for this image only and off again in a finally (fresh state per
                 # image; the next exact job, or a failure here, leaves the transformer as loaded).
                 cache = self.step_cache if request.speed == "fast" else None
-                with torch.inference_mode(), step_cache(pipe.transformer, cache):
+                with torch.inference_mode(), step_cache(pipe.transformer, cache, request.steps):
                     out = pipe(
                         prompt_embeds=prompt_embeds,
                         pooled_prompt_embeds=pooled,

@@ -1,9 +1,11 @@
 """The per-job speed choice: `exact` (the plain pipeline) or `fast` (step caching).
 
-`fast` turns on diffusers' First Block Cache on the transformer for one job: at each
-step the first block runs, and when its output residual changed less than the
-threshold (relative mean absolute difference) since the last full step, the other
-blocks are skipped and their cached residual reused. The cache is switched on just
+`fast` turns on a diffusers step cache on the transformer for one job. first-block
+(First Block Cache): at each step the first block runs, and when its output residual
+changed less than the threshold (relative mean absolute difference) since the last full
+step, the other blocks are skipped and their cached residual reused. mag (MagCache):
+steps are skipped while the accumulated error predicted from FLUX's calibrated
+magnitude ratios stays under the threshold. The cache is switched on just
 before the job and off in a `finally`, so the model is never reloaded and the next
 `exact` job runs the untouched pipeline.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-from masuka.settings import CACHE_METHODS, DEFAULT_CACHE_THRESHOLD
+from masuka.settings import CACHE_DEFAULT_THRESHOLDS, CACHE_METHODS, DEFAULT_CACHE_THRESHOLD
 
 SPEEDS = ("exact", "fast")
 CACHE_THRESHOLD_MIN, CACHE_THRESHOLD_MAX = 0.0, 1.0
@@ -50,7 +52,17 @@ class StepCache:
                 f"got {self.threshold:g}"
             )
 
-    def config(self) -> Any:
+    @classmethod
+    def from_settings(cls, method: str, threshold: float | None) -> "StepCache":
+        return cls(method, CACHE_DEFAULT_THRESHOLDS[method] if threshold is None else threshold)
+
+    def config(self, steps: int) -> Any:
+        if self.method == "mag":
+            from diffusers.hooks import MagCacheConfig
+            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+            # The ratios are FLUX's, calibrated at 28 steps; diffusers interpolates them to `steps`.
+            return MagCacheConfig(threshold=self.threshold, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS)
         from diffusers.hooks import FirstBlockCacheConfig
 
         return FirstBlockCacheConfig(threshold=self.threshold)
@@ -61,12 +73,12 @@ class StepCache:
 
 
 @contextmanager
-def step_cache(transformer: Any, cache: StepCache | None) -> Iterator[None]:
-    """The cache on `transformer` for the block (None: nothing changes); always off again after."""
+def step_cache(transformer: Any, cache: StepCache | None, steps: int) -> Iterator[None]:
+    """The cache on `transformer` for a `steps`-step image (None: nothing changes); always off again after."""
     if cache is None:
         yield
         return
-    transformer.enable_cache(cache.config())
+    transformer.enable_cache(cache.config(steps))
     try:
         yield
     finally:
