@@ -119,3 +119,16 @@ def test_loras_go_through_adapters_under_fp8(manager):
         assert plain.strategy is Strategy.FUSED
     finally:
         plain.clear()
+
+
+def test_plan_with_fp8_on_an_l4_offers_no_second_quantization_and_says_what_it_needs(capsys):
+    import app
+
+    assert app.main(["--plan", "l4", "--fp8", "--model", "black-forest-labs/FLUX.1-dev"]) == 0
+    out = capsys.readouterr().out
+    assert "auto: offload -- offload (transformer fp8, T5 bf16)" in out
+    assert "not possible here: --fp8 quantizes the transformer already" in out
+    assert "needs torchao for --fp8 (pip install torchao)" in out
+    assert "would be refused here" not in out
+    assert app.main(["--plan", "t4", "--fp8", "--model", "black-forest-labs/FLUX.1-dev"]) == 0
+    assert "--fp8 would be refused here: it needs a GPU of compute capability 8.9+" in capsys.readouterr().out

@@ -203,12 +203,13 @@ def describe_model(source: ModelSource):
     return plan.single_file_model(source.location, describe_model(source.base), file_bytes)
 
 
-def plan_profile(requested: str, source: ModelSource, device: Any, dtype: Any = None):
+def plan_profile(requested: str, source: ModelSource, device: Any, dtype: Any = None, fp8: bool = False):
     """The memory profile to load with (auto decided here, from the memory plan, before loading), with why."""
     if requested != "auto":
         return memory.ProfileChoice(requested, "asked for")
     mem = memory.detect_memory(device)
-    choice = memory.choose_profile(describe_model(source), mem, dtype=dtype, bnb=memory.bitsandbytes_available())
+    choice = memory.choose_profile(describe_model(source), mem, dtype=dtype, bnb=memory.bitsandbytes_available(),
+                                   fp8=fp8)
     if choice.error:
         raise ValueError(f"--memory auto: {choice.error}")
     return choice
@@ -292,7 +293,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     source = resolve_model_spec(settings.model, settings.paths.models, settings.base_model)
     token = hub_token()
     check_access(source, token)
-    choice = plan_profile(settings.memory, source, device, dtype)
+    choice = plan_profile(settings.memory, source, device, dtype, fp8=settings.fp8)
     if settings.compile:
         compiled.check_profile(choice.profile, choice.reason)  # before any weight is read
     if settings.fp8 and choice.profile == "quantized":

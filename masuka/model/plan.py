@@ -602,7 +602,11 @@ class Plan:
         ]
         notes = list(self.notes) + ([self.model.note] if self.model.note else [])
         if self.requires:
-            notes.append("needs " + " and ".join(self.requires) + " (pip install -r requirements-gpu.txt)")
+            gpu_reqs = [r for r in self.requires if r != "torchao"]
+            if gpu_reqs:
+                notes.append("needs " + " and ".join(gpu_reqs) + " (pip install -r requirements-gpu.txt)")
+            if "torchao" in self.requires:  # not in requirements-gpu.txt: only --fp8 needs it
+                notes.append("needs torchao for --fp8 (pip install torchao) and a GPU of compute capability 8.9+")
         lines += [""] + [f"* {n}" for n in notes] if notes else []
         return "\n".join(lines)
 
@@ -739,15 +743,20 @@ CANDIDATES = (Candidate("full", "gpu"), Candidate("offload", "model offload"), C
 
 
 def candidates(model: ModelInfo, gpu: GpuSpec, ram_bytes: int | None = None, *, dtype: str | None = None,
-               bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024
+               bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024, fp8: bool = False
                ) -> list[tuple[Plan, str]]:
-    """Every profile the app could load ``model`` with here, as (plan, why not) -- why not is "" when usable."""
+    """Every profile the app could load ``model`` with here, as (plan, why not) -- why not is "" when usable.
+
+    ``fp8``: --fp8 (torchao is checked at start, not here); the quantized profile is then not offered.
+    """
     out = []
     for c in CANDIDATES:
         plan = build_plan(model, gpu, ram_bytes, profile=c.profile, placement=c.placement, dtype=dtype, bnb=bnb,
-                          width=width, height=height)
-        missing = [p for p in plan.requires if not {"bitsandbytes": bnb, "gguf": gguf}[p]]
-        if missing:
+                          width=width, height=height, fp8=fp8)
+        missing = [p for p in plan.requires if not {"bitsandbytes": bnb, "gguf": gguf, "torchao": True}[p]]
+        if fp8 and c.profile == "quantized":
+            why = "--fp8 quantizes the transformer already"
+        elif missing:
             why = " and ".join(missing) + " not installed"
         elif c.profile == "lowvram" and model.prequantized:
             why = "sequential offload of a pre-quantized transformer is not supported"
@@ -758,7 +767,7 @@ def candidates(model: ModelInfo, gpu: GpuSpec, ram_bytes: int | None = None, *, 
 
 
 def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, dtype: str | None = None,
-           bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024
+           bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024, fp8: bool = False
            ) -> tuple[Plan | None, str, list[tuple[Plan, str]]]:
     """auto: the first usable candidate that fits; (plan or None, why, every candidate)."""
     if gpu is None:
@@ -767,7 +776,7 @@ def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, 
         if not plan.fits:
             why += f" ({plan.verdict()})"
         return plan, why, [(plan, "")]
-    options = candidates(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height)
+    options = candidates(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height, fp8=fp8)
     for plan, why_not in options:
         if not why_not and plan.fits:
             return plan, (f"{plan.describe()}: GPU {gib(plan.gpu_peak)} of {gib(gpu.total_bytes)}, "
@@ -782,9 +791,10 @@ def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, 
 
 def render_choice(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, dtype: str | None = None,
                   bnb: bool = True, gguf: bool = True, profile: str = "auto", width: int = 1024,
-                  height: int = 1024) -> str:
+                  height: int = 1024, fp8: bool = False) -> str:
     """What --plan prints for one model: auto's choice (or the asked profile) and every candidate."""
-    plan, why, options = choose(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height)
+    plan, why, options = choose(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height,
+                                fp8=fp8)
     lines = [f"auto: {plan.profile if plan else 'nothing fits'} -- {why}", ""]
     shown = plan
     if profile != "auto" and gpu is None:
