@@ -90,3 +90,16 @@ def test_an_unknown_speed_in_an_image_falls_back_to_exact():
     fields, messages = settings_from_metadata({"prompt": "x", "speed": "warp"}, DEV_DEFAULTS)
     assert fields["speed"] == "exact"
     assert messages == ["speed 'warp' dropped: speed must be one of exact, fast; exact is used"]
+
+
+def test_fast_is_refused_under_compile_and_exact_still_runs(manager):
+    from test_compile import CountingBackend
+
+    from masuka.model import compiled
+
+    exact = run(manager, steps=2)
+    compiled.compile_and_warm_up(manager.pipe, manager.loaded.defaults, manager.loaded.device, CountingBackend())
+    with pytest.raises(ValueError, match=r"speed 'fast' is not available while the model is compiled \(--compile\)"):
+        manager.validate(prompt="x", steps=2, speed="fast")
+    assert np.array_equal(np.asarray(Image.open(run(manager, steps=2).images[0])),
+                          np.asarray(Image.open(exact.images[0])))

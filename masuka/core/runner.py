@@ -27,6 +27,7 @@ from masuka.core.requests import MAX_SEED, GenerateRequest, LoraChoice, parse_lo
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.types import LoraInUse, LoraResolver
 from masuka.model import plan
+from masuka.model.compiled import is_compiled
 from masuka.model.loading import LoadedModel
 from masuka.store.jobs import JobStore
 from masuka.store.outputs import image_metadata, save_image
@@ -237,12 +238,19 @@ class Runner:
     # ---- validation ------------------------------------------------------
     def validate(self, **raw: Any) -> GenerateRequest:
         pipe = self.loaded.pipe
-        return validate_request(
+        request = validate_request(
             **raw,
             defaults=self.loaded.defaults,
             t5_tokenizer=getattr(pipe, "tokenizer_2", None),
             clip_tokenizer=getattr(pipe, "tokenizer", None),
         )
+        transformer = getattr(pipe, "transformer", None)
+        if request.speed == "fast" and transformer is not None and is_compiled(transformer):
+            # The cache's hooks call torch.compiler.disable()d code inside the fullgraph-compiled blocks:
+            # such a job fails in the pipeline (seen on the tiny model), so it is refused before it queues.
+            raise ValueError("speed 'fast' is not available while the model is compiled (--compile): use speed "
+                             "'exact', or start without --compile to use fast")
+        return request
 
     # ---- the queue -------------------------------------------------------
     def submit(
