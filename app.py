@@ -30,6 +30,9 @@ def plan_report(settings) -> str:
                  f"{gpu.capability[0]}.{gpu.capability[1]} ({dtype}); RAM {plan.gib(ram)} ({gpu.ram_source}); "
                  "bitsandbytes and gguf assumed installed (requirements-gpu.txt, as the Colab notebook does)")
     parts = [f"MASUKA memory plan for {where}. Figures are predictions (masuka/model/plan.py), not measurements."]
+    if settings.fp8 and (gpu is None or tuple(gpu.capability) < (8, 9)):
+        parts.append("--fp8 would be refused here: it needs a GPU of compute capability 8.9+ (L4, H100); the plan "
+                     "below shows its sizes anyway.")
     if settings.model == TINY_MODEL_ID:
         parts.append("The built-in demo model needs a few MB and fits anywhere; these are the FLUX.1 models "
                      "(--model names another).")
@@ -38,7 +41,7 @@ def plan_report(settings) -> str:
         models = [describe_model(resolve_model_spec(settings.model, settings.paths.models, settings.base_model))]
     for model in models:
         parts.append(f"## {model.name}\n\n" + plan.render_choice(model, gpu, ram, dtype=dtype, bnb=bnb, gguf=gguf,
-                                                               profile=settings.memory))
+                                                               profile=settings.memory, fp8=settings.fp8))
     return "\n\n".join(parts) + "\n"
 
 

@@ -25,6 +25,12 @@ DEFAULT_DOWNLOAD_TIMEOUT_S = 30 * 60.0  # overall, per download; 0 = no limit
 DEFAULT_DOWNLOAD_MIN_RATE_KIB = 50.0  # KiB/s averaged over the window; 0 = no minimum
 DEFAULT_RATE_WINDOW_S = 30.0  # the rate is first checked after one full window
 MEMORY_PROFILES = ("auto", "full", "offload", "lowvram", "quantized")
+# Step caching for speed="fast" jobs (masuka.core.speed), and each method's default threshold.
+# first-block 0.08: the published "nearly lossless" First Block Cache threshold for FLUX.1-dev (0.35 is
+# lossy, about 2x); measured here in bench/speed.py. mag 0.06: diffusers' MagCache default.
+CACHE_METHODS = ("first-block", "mag")
+CACHE_DEFAULT_THRESHOLDS = {"first-block": 0.08, "mag": 0.06}
+DEFAULT_CACHE_THRESHOLD = CACHE_DEFAULT_THRESHOLDS["first-block"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SHARED_RATE_LIMIT = 10  # generations per login per minute when a share link is open and none is set
@@ -90,6 +96,9 @@ class Settings:
     dtype: str = "auto"
     memory: str = "auto"
     compile: bool = False
+    cache: str = CACHE_METHODS[0]  # how speed="fast" jobs cache steps
+    cache_threshold: float | None = None  # None: the method's default (CACHE_DEFAULT_THRESHOLDS)
+    fp8: bool = False  # transformer linear weights in float8 (torchao; compute capability 8.9+)
     queue_size: int = 20
     rate_limit_per_minute: int = 0
     lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES
@@ -244,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
         "size; needs memory profile full or offload; LoRAs that cannot be fused into the weights are refused. "
         "Env: MASUKA_COMPILE",
     )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_METHODS,
+        default=None,
+        help="how jobs asking for speed=fast skip transformer steps: first-block (diffusers' First Block Cache) "
+        "or mag (MagCache, with diffusers' FLUX magnitude ratios). Exact jobs never use it. Env: MASUKA_CACHE. "
+        "Default: first-block",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=None,
+        help="the cache's threshold for fast jobs, above 0 and at most 1: higher skips more steps and "
+        "costs more quality (first-block: 0.08 nearly lossless, 0.35 lossy). Env: MASUKA_CACHE_THRESHOLD. "
+        "Default: 0.08 for first-block, 0.06 for mag",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        default=None,
+        help="store the transformer's linear weights in float8 (torchao, about half the memory of bf16); needs a "
+        "GPU of compute capability 8.9+ (L4, H100) and `pip install torchao`; refused at start otherwise. "
+        "Env: MASUKA_FP8",
+    )
     p.add_argument("--queue-size", type=int, default=None, help="max jobs waiting in the queue. Env: MASUKA_QUEUE_SIZE. Default: 20")
     p.add_argument(
         "--rate-limit",
@@ -349,6 +382,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         dtype=_pick(args.dtype, env, "MASUKA_DTYPE", "auto"),
         memory=_pick(args.memory, env, "MASUKA_MEMORY", "auto"),
         compile=bool(args.compile or _env_flag(env, "MASUKA_COMPILE")),
+        cache=_pick(args.cache, env, "MASUKA_CACHE", CACHE_METHODS[0]),
+        cache_threshold=_pick(args.cache_threshold, env, "MASUKA_CACHE_THRESHOLD", None, float),
+        fp8=bool(args.fp8 or _env_flag(env, "MASUKA_FP8")),
         queue_size=_pick(args.queue_size, env, "MASUKA_QUEUE_SIZE", 20, int),
         # A share link reaches strangers' browsers: one login should not hold the GPU by default.
         rate_limit_per_minute=_pick(args.rate_limit, env, "MASUKA_RATE_LIMIT", SHARED_RATE_LIMIT if share else 0, int),
@@ -382,6 +418,10 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
     if settings.memory not in MEMORY_PROFILES:
         raise ValueError(f"memory profile {settings.memory!r} is not one of {', '.join(MEMORY_PROFILES)}")
+    if settings.cache not in CACHE_METHODS:
+        raise ValueError(f"cache method {settings.cache!r} (--cache) is not one of {', '.join(CACHE_METHODS)}")
+    if settings.cache_threshold is not None and not 0 < settings.cache_threshold <= 1:  # also refuses NaN
+        raise ValueError(f"cache threshold {settings.cache_threshold:g} (--cache-threshold) must be above 0 and at most 1")
     if not 1 <= settings.port <= 65535:
         raise ValueError(f"port {settings.port} is not in 1..65535")
     if settings.queue_size < 1:

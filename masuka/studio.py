@@ -17,6 +17,7 @@ from typing import Any, Callable
 from masuka.core.ratelimit import RateLimiter, limiter_for
 from masuka.core.requests import GenerateRequest
 from masuka.core.runner import GenerationResult, Runner, StepCallback, Ticket
+from masuka.core.speed import StepCache
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.library import LoraLibrary, LoraRecord, fit_checker
 from masuka.model.defaults import ModelDefaults
@@ -256,6 +257,7 @@ def build_studio(settings: Settings, *, loaded: LoadedModel | None = None) -> St
         lora_cache=LoraStateCache(max_bytes=settings.lora_cache_mb * 2**20),
         queue_size=settings.queue_size,
         job_listeners=[backup.request] if backup is not None else [],
+        step_cache=StepCache.from_settings(settings.cache, settings.cache_threshold),
     )
     if backup is not None:
         backup.request()  # the interrupted marks above belong in the backup too

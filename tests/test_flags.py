@@ -123,6 +123,19 @@ ROWS = (
         "upload_quota_bytes", ("--upload-quota-mb", "9000"), {"MASUKA_UPLOAD_QUOTA_MB": "9000"}, 9000 * 1024**2),
     Row(("--upload-expiry-min", "MASUKA_UPLOAD_EXPIRY_MIN"), ("test_guards.py::test_uploads_expire",),
         "upload_expiry_s", ("--upload-expiry-min", "30"), {"MASUKA_UPLOAD_EXPIRY_MIN": "30"}, 1800),
+    Row(("--cache", "MASUKA_CACHE"),
+        ("test_speed.py::test_fast_skips_steps_and_says_so_in_the_record_and_the_image",
+         "test_flags.py::test_cache_settings_reach_fast_jobs"),
+        "cache", ("--cache", "mag"), {"MASUKA_CACHE": "mag"}, "mag"),
+    Row(("--cache-threshold", "MASUKA_CACHE_THRESHOLD"),
+        ("test_flags.py::test_cache_settings_reach_fast_jobs",),
+        "cache_threshold", ("--cache-threshold", "0.35"), {"MASUKA_CACHE_THRESHOLD": "0.35"}, 0.35),
+    Row(("--fp8", "MASUKA_FP8"),
+        ("test_fp8.py::test_fp8_is_refused_on_the_cpu_before_any_weight_is_read",
+         "test_fp8.py::test_fp8_is_refused_on_a_t4_naming_its_capability",
+         "test_fp8.py::test_fp8_on_an_l4_without_torchao_says_how_to_install_it",
+         "test_fp8.py::test_loras_go_through_adapters_under_fp8"),
+        "fp8", ("--fp8",), {"MASUKA_FP8": "1"}, True),
     Row(("HF_TOKEN",),
         ("test_models.py::test_load_hub_id_passes_id_dtype_and_token",
          "test_models.py::test_gated_model_without_token_is_refused_with_instructions",
@@ -297,3 +310,57 @@ def test_the_library_takes_its_limits_from_the_settings(home, tmp_path, monkeypa
     finally:
         studio.close()
         server.close()
+
+
+def test_cache_settings_reach_fast_jobs(home):
+    """--cache-threshold changes how many steps a fast job skips, --cache picks the method; exact jobs never
+    consult the cache."""
+    from diffusers.hooks import first_block_cache
+
+    from masuka.studio import Caller, build_studio
+
+    decisions: list[bool] = []
+    original = first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def counted(self, residual):
+        decisions.append(original(self, residual))
+        return decisions[-1]
+
+    skipped = {}
+    for argv in (["--cache-threshold", "0.05"], ["--cache", "first-block", "--cache-threshold", "0.35"]):
+        studio = build_studio(parse_settings(argv + ["--home", str(home)], {}))
+        try:
+            first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = counted
+            decisions.clear()
+            request = studio.validate(prompt="a lighthouse", seed=7, steps=12, speed="fast")
+            record = studio.generate(request, Caller()).record
+            skipped[argv[-1]] = decisions.count(False)
+            assert len(decisions) == 12 and record["params"]["cache_threshold"] == float(argv[-1])
+            decisions.clear()
+            studio.generate(studio.validate(prompt="a lighthouse", seed=7, steps=12), Caller())
+            assert decisions == []  # an exact job never consults the cache
+        finally:
+            first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks = original
+            studio.close()
+    assert skipped["0.35"] > skipped["0.05"]
+
+    from diffusers.hooks import mag_cache
+
+    steps: list[bool] = []
+    mag_forward = mag_cache.MagCacheHeadHook.new_forward
+
+    def mag_counted(self, module, *args, **kwargs):
+        out = mag_forward(self, module, *args, **kwargs)
+        steps.append(self.state_manager.get_state().should_compute)
+        return out
+
+    studio = build_studio(parse_settings(["--cache", "mag", "--home", str(home)], {}))
+    try:
+        mag_cache.MagCacheHeadHook.new_forward = mag_counted
+        request = studio.validate(prompt="a lighthouse", seed=7, steps=12, speed="fast")
+        record = studio.generate(request, Caller()).record
+        assert (record["params"]["cache"], record["params"]["cache_threshold"]) == ("mag", 0.06)
+        assert len(steps) == 12 and steps.count(False) > 0  # MagCache ran, and skipped
+    finally:
+        mag_cache.MagCacheHeadHook.new_forward = mag_forward
+        studio.close()

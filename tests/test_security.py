@@ -22,7 +22,8 @@ from gradio_client.exceptions import AppError
 
 from conftest import ROOT, launch_app, seed_home, wait_until
 
-GENERATE_ARGS = ("prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images")
+GENERATE_ARGS = ("prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images",
+                 "speed")
 SHARE_ENV = ("GRADIO_SHARE", "MASUKA_AUTH", "COLAB_RELEASE_TAG", "COLAB_GPU")
 
 

@@ -450,3 +450,22 @@ def test_loras_tab_adds_by_link_and_upload_then_deletes(page, app, tmp_path):
         expect(choices).not_to_contain_text("paper")
     finally:
         server.close()
+
+
+def test_fast_from_the_page_is_recorded_and_reused_as_fast(page, app):
+    from playwright.sync_api import expect
+
+    speed = page.locator("#speed")
+    expect(speed).to_contain_text("Fast skips transformer steps")
+    expect(speed.get_by_label("Exact")).to_be_checked()  # the default
+    speed.get_by_label("Fast").check()
+    generate(page, "a heron in a hurry", steps=6)
+    expect(page.locator("#status")).to_contain_text("✓ Job", timeout=JOB_TIMEOUT_MS)
+    job = latest_job(app, "heron in a hurry")
+    assert job["params"]["speed"] == "fast" and job["params"]["cache"] == "first-block"
+
+    speed.get_by_label("Exact").check()
+    open_history_row(page, job["job_id"])
+    page.click("#reuse-job")
+    expect(page.locator("#prompt textarea")).to_have_value("a heron in a hurry")
+    expect(speed.get_by_label("Fast")).to_be_checked()

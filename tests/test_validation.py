@@ -147,10 +147,10 @@ GOOD_META = {
 }
 GOOD_FIELDS = {
     "prompt": "a fox", "seed": 42, "steps": 9, "guidance": 2.5, "width": 512, "height": 768,
-    "loras": [("ink", 0.5), ("film-grain", 1.0)], "num_images": 1,
+    "loras": [("ink", 0.5), ("film-grain", 1.0)], "num_images": 1, "speed": "exact",
 }
 DEFAULT_FIELDS = {"prompt": "", "seed": -1, "steps": 28, "guidance": 3.5, "width": 1024, "height": 1024,
-                  "loras": [], "num_images": 1}
+                  "loras": [], "num_images": 1, "speed": "exact"}
 
 
 def _deep(depth: int) -> list:
@@ -235,7 +235,7 @@ def test_chunk_text_of_the_hostile_test_loads_as_far_as_it_is_valid():
     )
     fields, messages = settings_from_metadata(parse_metadata_json(raw), SCHNELL_DEFAULTS)
     assert fields == {"prompt": "p", "seed": -1, "steps": 4, "guidance": 0.0, "width": 1024, "height": 512,
-                      "loras": [("ink", 0.75)], "num_images": 1}
+                      "loras": [("ink", 0.75)], "num_images": 1, "speed": "exact"}
     assert [m.split(" dropped")[0] for m in messages] == [
         "seed '1e400'", "steps 0", "guidance 'NaN'", "width 257", "LoRA entry 1 (1)", "LoRA '../../etc/passwd'",
     ]

@@ -29,6 +29,9 @@ class NeedsEagerModel(ValueError):
     """A LoRA only peft adapters can apply, refused while the transformer is compiled."""
 
 
+FP8_FALLBACK = "the transformer's weights are float8 (--fp8): fusing into them is not exact"
+
+
 class Strategy(str, enum.Enum):
     NONE = "none"
     FUSED = "fused"
@@ -44,8 +47,11 @@ Wanted = dict[str, tuple[ResolvedLora, float]]  # adapter name -> (lora, scale)
 
 
 class LoraState:
-    def __init__(self, pipe: Any, resolver: LoraResolver, cache: LoraStateCache, device: Any):
+    def __init__(self, pipe: Any, resolver: LoraResolver, cache: LoraStateCache, device: Any, *, fp8: bool = False):
         self._pipe = pipe
+        # --fp8: fusing a LoRA into float8 weights rounds it away and could not be restored bit-exactly,
+        # so every LoRA goes through peft adapters beside the float8 weights (quality and speed not measured here).
+        self._fp8 = fp8
         self._resolver = resolver
         self._cache = cache
         self._device = device
@@ -97,6 +103,8 @@ class LoraState:
             self.clear()
             return
         resolution = self._resolve_fast(wanted)  # may refuse; nothing is touched yet
+        if self._fp8 and resolution.fallback_reason is None:
+            resolution = fastlora.Resolution([], FP8_FALLBACK)
         if resolution.fallback_reason is not None:
             self._refuse_if_compiled(wanted, resolution.fallback_reason)  # nothing is touched yet
         self._fallback_reason = resolution.fallback_reason

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
+from masuka.core.speed import SPEEDS, check_speed
 from masuka.lora.types import validate_name
 from masuka.model.defaults import DEV_DEFAULTS, ModelDefaults
 
@@ -45,6 +46,7 @@ class GenerateRequest:
     height: int
     num_images: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    speed: str = "exact"  # "exact": the plain pipeline; "fast": step caching (masuka.core.speed)
 
     def params(self) -> dict[str, Any]:
         d = asdict(self)
@@ -175,6 +177,7 @@ def validate_request(
     width: Any = None,
     height: Any = None,
     num_images: Any = 1,
+    speed: Any = "exact",
     defaults: ModelDefaults = DEV_DEFAULTS,
     t5_tokenizer=None,
     clip_tokenizer=None,
@@ -206,6 +209,7 @@ def validate_request(
         height=check_size("height", defaults.height if height is None else height),
         num_images=check_int("num_images", 1 if num_images is None else num_images, IMAGES_MIN, IMAGES_MAX),
         notes=tuple(notes),
+        speed=check_speed(speed),
     )
 
 
@@ -261,8 +265,8 @@ def settings_from_metadata(meta: Any, defaults: ModelDefaults) -> tuple[dict[str
     """The Generate form's values from an image's stored settings (`read_metadata`), checked like a request.
 
     Returns `(fields, messages)`. `fields` always holds every key — prompt, seed,
-    steps, guidance, width, height, loras (a list of (name, scale)) and num_images
-    (always 1) — each either the image's value, valid by the same rules as a
+    steps, guidance, width, height, loras (a list of (name, scale)), speed ("exact"
+    when the image predates it) and num_images (always 1) — each either the image's value, valid by the same rules as a
     request (the seed: a whole number from 0 to MAX_SEED), or, when the image's
     value is missing or invalid, the model default (seed -1 = random, prompt "").
     `messages` says in words what was dropped and why. Never raises, whatever the
@@ -299,6 +303,8 @@ def settings_from_metadata(meta: Any, defaults: ModelDefaults) -> tuple[dict[str
     height = pick("height", defaults.height, lambda v: check_size("height", v), f"height must be {_SIZE_RULE}",
                   f"the model default {defaults.height} is used")
 
+    speed = pick("speed", "exact", check_speed, f"speed must be one of {', '.join(SPEEDS)}", "exact is used")
+
     loras: list[tuple[str, float]] = []
     entries = meta.get("loras")
     if entries is not None and not isinstance(entries, (list, tuple)):
@@ -320,6 +326,6 @@ def settings_from_metadata(meta: Any, defaults: ModelDefaults) -> tuple[dict[str
         messages.append(f"... and {len(dropped) - _MAX_LORA_MESSAGES} more LoRA entries dropped")
     fields = {
         "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
-        "width": width, "height": height, "loras": loras, "num_images": 1,
+        "width": width, "height": height, "loras": loras, "num_images": 1, "speed": speed,
     }
     return fields, messages

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from masuka.core.lorastate import LoraState
+from masuka.core.speed import StepCache, step_cache
 from masuka.core.requests import MAX_SEED, GenerateRequest, LoraChoice, parse_lora_spec, validate_request
 from masuka.lora.cache import LoraStateCache
 from masuka.lora.types import LoraInUse, LoraResolver
 from masuka.model import plan
+from masuka.model.compiled import is_compiled
 from masuka.model.loading import LoadedModel
 from masuka.store.jobs import JobStore
 from masuka.store.outputs import image_metadata, save_image
@@ -155,14 +157,16 @@ class Runner:
         lora_cache: LoraStateCache | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         job_listeners: list[Callable[[str], None]] | None = None,
+        step_cache: StepCache | None = None,
     ):
         self.loaded = loaded
+        self.step_cache = step_cache if step_cache is not None else StepCache()  # what a fast job uses
         self.jobs = jobs
         self.loras = loras
         self.outputs_dir = outputs_dir
         self.queue_size = queue_size
         self.lora_cache = lora_cache if lora_cache is not None else LoraStateCache()
-        self._lora_state = LoraState(loaded.pipe, loras, self.lora_cache, loaded.device)
+        self._lora_state = LoraState(loaded.pipe, loras, self.lora_cache, loaded.device, fp8=loaded.fp8)
         self._pipe_lock = threading.Lock()  # the worker's job, or set_loras from outside a job
         self._state = threading.Condition()  # guards _waiting, _running, _tickets, _closed
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -234,12 +238,19 @@ class Runner:
     # ---- validation ------------------------------------------------------
     def validate(self, **raw: Any) -> GenerateRequest:
         pipe = self.loaded.pipe
-        return validate_request(
+        request = validate_request(
             **raw,
             defaults=self.loaded.defaults,
             t5_tokenizer=getattr(pipe, "tokenizer_2", None),
             clip_tokenizer=getattr(pipe, "tokenizer", None),
         )
+        transformer = getattr(pipe, "transformer", None)
+        if request.speed == "fast" and transformer is not None and is_compiled(transformer):
+            # The cache's hooks call torch.compiler.disable()d code inside the fullgraph-compiled blocks:
+            # such a job fails in the pipeline (seen on the tiny model), so it is refused before it queues.
+            raise ValueError("speed 'fast' is not available while the model is compiled (--compile): use speed "
+                             "'exact', or start without --compile to use fast")
+        return request
 
     # ---- the queue -------------------------------------------------------
     def submit(
@@ -263,6 +274,8 @@ class Runner:
             seed = min(seed, MAX_SEED - (request.num_images - 1))
             seeds = [seed + i for i in range(request.num_images)]
             params = request.params() | {"model": self.loaded.spec, "requested_seed": request.seed}
+            if request.speed == "fast":
+                params |= self.step_cache.params()
             job_id = self.jobs.create(
                 params=params,
                 loras=[{"name": lc.name, "scale": lc.scale} for lc in request.loras],
@@ -449,7 +462,10 @@ class Runner:
                     raise JobCancelled()
                 # One generator per image, so image i of a job is reproduced by seed + i alone.
                 generator = torch.Generator(device="cpu").manual_seed(image_seed)
-                with torch.inference_mode():
+                # The cache goes on for this image only and off again in a finally (fresh state per
+                # image; the next exact job, or a failure here, leaves the transformer as loaded).
+                cache = self.step_cache if request.speed == "fast" else None
+                with torch.inference_mode(), step_cache(pipe.transformer, cache, request.steps):
                     out = pipe(
                         prompt_embeds=prompt_embeds,
                         pooled_prompt_embeds=pooled,

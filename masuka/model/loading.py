@@ -25,7 +25,7 @@ from typing import Any
 
 from masuka.settings import TINY_MODEL_ID, Settings, resolve_device_dtype
 from masuka.model.defaults import DEV_DEFAULTS, SCHNELL_DEFAULTS, TINY_DEFAULTS, ModelDefaults
-from masuka.model import compiled, memory, plan
+from masuka.model import compiled, fp8, memory, plan
 from masuka.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     source: str = ""  # what was loaded, in words
     compile_report: compiled.CompileReport | None = None  # --compile: what the warm-up compiled
+    fp8: bool = False  # --fp8: the transformer's linear weights are float8 (LoRAs go through adapters)
 
     @property
     def description(self) -> str:
@@ -202,12 +203,13 @@ def describe_model(source: ModelSource):
     return plan.single_file_model(source.location, describe_model(source.base), file_bytes)
 
 
-def plan_profile(requested: str, source: ModelSource, device: Any, dtype: Any = None):
+def plan_profile(requested: str, source: ModelSource, device: Any, dtype: Any = None, fp8: bool = False):
     """The memory profile to load with (auto decided here, from the memory plan, before loading), with why."""
     if requested != "auto":
         return memory.ProfileChoice(requested, "asked for")
     mem = memory.detect_memory(device)
-    choice = memory.choose_profile(describe_model(source), mem, dtype=dtype, bnb=memory.bitsandbytes_available())
+    choice = memory.choose_profile(describe_model(source), mem, dtype=dtype, bnb=memory.bitsandbytes_available(),
+                                   fp8=fp8)
     if choice.error:
         raise ValueError(f"--memory auto: {choice.error}")
     return choice
@@ -282,12 +284,21 @@ def load_pipeline(settings: Settings) -> LoadedModel:
 
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
+    if settings.fp8:
+        fp8.check_fp8(device)  # before any weight is read
+    else:
+        hint = fp8.suggestion(device)
+        if hint:
+            log.info("%s", hint)
     source = resolve_model_spec(settings.model, settings.paths.models, settings.base_model)
     token = hub_token()
     check_access(source, token)
-    choice = plan_profile(settings.memory, source, device, dtype)
+    choice = plan_profile(settings.memory, source, device, dtype, fp8=settings.fp8)
     if settings.compile:
         compiled.check_profile(choice.profile, choice.reason)  # before any weight is read
+    if settings.fp8 and choice.profile == "quantized":
+        raise ValueError(f"--fp8 and memory profile quantized ({choice.reason}) both quantize the transformer; "
+                         "use --fp8 with --memory full or offload")
     log.info("loading model %s (device %s, dtype %s, memory profile %s: %s)",
              source.describe(), device, dtype, choice.profile, choice.reason)
     try:
@@ -303,6 +314,9 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         if isinstance(module, torch.nn.Module):
             module.eval()
     pipe.set_progress_bar_config(disable=True)
+    if settings.fp8:  # checked above: a GPU of capability 8.9+ with torchao (not run in CI: no GPU)
+        fp8.quantize_transformer(pipe.transformer)
+        log.info("transformer linear weights quantized to float8 (torchao, weight-only)")
     if dtype == torch.float16 and isinstance(getattr(pipe, "vae", None), torch.nn.Module):
         # The FLUX VAE overflows in float16 (NaN or black images); it is small, so it runs in float32.
         pipe.vae.to(torch.float32)
@@ -324,6 +338,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         load_seconds=time.perf_counter() - started,
         source=source.describe(),
         compile_report=report,
+        fp8=settings.fp8,
     )
     log.info("model ready in %.1f s: %s, memory profile %s (%s)",
              loaded.load_seconds, loaded.description, profile, reason)

@@ -80,14 +80,15 @@ def gguf_available() -> bool:
 
 
 def choose_profile(model: ModelInfo, mem: MachineMemory, *, dtype: Any = None, bnb: bool,
-                   gguf: bool | None = None) -> ProfileChoice:
+                   gguf: bool | None = None, fp8: bool = False) -> ProfileChoice:
     """auto: the first profile the memory plan predicts to fit, with why (or an error saying what does not).
 
     ``dtype``: the compute dtype (default: what --dtype auto picks on that GPU); ``bnb`` / ``gguf``:
     whether bitsandbytes / gguf are installed (NF4 and 8-bit / GGUF files need them).
     """
     gguf = gguf_available() if gguf is None else gguf
-    chosen, why, options = plan.choose(model, mem.gpu_spec(), mem.ram_total, dtype=dtype, bnb=bnb, gguf=gguf)
+    chosen, why, options = plan.choose(model, mem.gpu_spec(), mem.ram_total, dtype=dtype, bnb=bnb, gguf=gguf,
+                                       fp8=fp8)
     if chosen is not None:
         return ProfileChoice(chosen.profile, why, plan=chosen)
     tried = "; ".join(f"{p.describe()}: {why_not or p.verdict()}" for p, why_not in options)

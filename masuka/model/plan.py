@@ -250,6 +250,8 @@ def tensor_bytes(t: TensorInfo, part: str, storage: str, dtype: str) -> int:
         return dense
     if storage == "nf4":
         return nf4_bytes(t.numel) if t.linear_weight else dense
+    if storage == "fp8":  # --fp8 (torchao float8 weight-only): 1 byte a weight + a float32 scale per row
+        return t.numel + 4 * t.shape[0] if t.linear_weight else dense
     if storage == "int8":
         if not t.linear_weight or (part == "text_encoder_2" and _is_t5_wo(t)):
             return dense
@@ -279,6 +281,8 @@ def storage_short(part: str, storage: str, dtype: str) -> str:
         return dtype + wo
     if storage == "nf4":
         return "NF4"
+    if storage == "fp8":
+        return "fp8"
     if storage == "int8":
         return "int8" + wo
     return storage_label(part, storage, dtype)
@@ -291,6 +295,8 @@ def storage_label(part: str, storage: str, dtype: str) -> str:
         return dtype
     if storage == "nf4":
         return "NF4 (bitsandbytes)"
+    if storage == "fp8":
+        return "fp8 weight-only (torchao), the rest in " + dtype
     if storage == "int8":
         return "int8 (bitsandbytes), wo in " + ("fp32" if dtype == "fp16" else dtype)
     if storage.startswith("gguf:"):
@@ -596,7 +602,11 @@ class Plan:
         ]
         notes = list(self.notes) + ([self.model.note] if self.model.note else [])
         if self.requires:
-            notes.append("needs " + " and ".join(self.requires) + " (pip install -r requirements-gpu.txt)")
+            gpu_reqs = [r for r in self.requires if r != "torchao"]
+            if gpu_reqs:
+                notes.append("needs " + " and ".join(gpu_reqs) + " (pip install -r requirements-gpu.txt)")
+            if "torchao" in self.requires:  # not in requirements-gpu.txt: only --fp8 needs it
+                notes.append("needs torchao for --fp8 (pip install torchao) and a GPU of compute capability 8.9+")
         lines += [""] + [f"* {n}" for n in notes] if notes else []
         return "\n".join(lines)
 
@@ -630,11 +640,12 @@ def gib(n: int) -> str:
 
 def build_plan(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, profile: str = "full",
                placement: str | None = None, dtype: str | None = None, bnb: bool = True,
-               width: int = 1024, height: int = 1024) -> Plan:
+               width: int = 1024, height: int = 1024, fp8: bool = False) -> Plan:
     """What ``profile`` puts where for ``model`` on ``gpu`` (None: CPU only).
 
     ``placement`` says where ``quantized`` puts the weights (``gpu`` or ``model offload``); the other
     profiles have one. ``bnb``: whether bitsandbytes is there (the quantized profile's T5 in 8-bit).
+    ``fp8``: --fp8, a dense transformer's linear weights in float8.
     """
     if profile not in ("full", "offload", "lowvram", "quantized"):
         raise ValueError(f"unknown memory profile {profile!r}")
@@ -651,8 +662,10 @@ def build_plan(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = No
     transformer = model.transformer_storage
     if profile == "quantized" and transformer == "dense":
         transformer = "nf4"
+    if fp8 and transformer == "dense":
+        transformer = "fp8"
     t5 = "int8" if (profile == "quantized" and bnb) else "dense"
-    requires = []
+    requires = ["torchao"] if transformer == "fp8" else []
     if transformer == "nf4" or t5 == "int8":
         requires.append("bitsandbytes")
     if transformer.startswith("gguf:"):
@@ -698,6 +711,9 @@ def _sized_part(sizes: ModelSizes | None, part: str, storage: str, dtype: str) -
         raise ValueError("a model without FLUX.1's architecture needs its sizes")
     if part == "transformer":
         weights = sizes.transformer
+        if storage == "fp8":
+            weights = int(weights * component_bytes(FLUX_DEV, "transformer", "fp8", "bf16")
+                          / component_bytes(FLUX_DEV, "transformer", "dense", "bf16"))
         if storage == "nf4" and not sizes.prequantized:
             # Quantized while loading: the same share of the bf16 bytes as FLUX.1's NF4 transformer.
             weights = int(weights * component_bytes(FLUX_DEV, "transformer", "nf4", "bf16")
@@ -727,15 +743,20 @@ CANDIDATES = (Candidate("full", "gpu"), Candidate("offload", "model offload"), C
 
 
 def candidates(model: ModelInfo, gpu: GpuSpec, ram_bytes: int | None = None, *, dtype: str | None = None,
-               bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024
+               bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024, fp8: bool = False
                ) -> list[tuple[Plan, str]]:
-    """Every profile the app could load ``model`` with here, as (plan, why not) -- why not is "" when usable."""
+    """Every profile the app could load ``model`` with here, as (plan, why not) -- why not is "" when usable.
+
+    ``fp8``: --fp8 (torchao is checked at start, not here); the quantized profile is then not offered.
+    """
     out = []
     for c in CANDIDATES:
         plan = build_plan(model, gpu, ram_bytes, profile=c.profile, placement=c.placement, dtype=dtype, bnb=bnb,
-                          width=width, height=height)
-        missing = [p for p in plan.requires if not {"bitsandbytes": bnb, "gguf": gguf}[p]]
-        if missing:
+                          width=width, height=height, fp8=fp8)
+        missing = [p for p in plan.requires if not {"bitsandbytes": bnb, "gguf": gguf, "torchao": True}[p]]
+        if fp8 and c.profile == "quantized":
+            why = "--fp8 quantizes the transformer already"
+        elif missing:
             why = " and ".join(missing) + " not installed"
         elif c.profile == "lowvram" and model.prequantized:
             why = "sequential offload of a pre-quantized transformer is not supported"
@@ -746,7 +767,7 @@ def candidates(model: ModelInfo, gpu: GpuSpec, ram_bytes: int | None = None, *, 
 
 
 def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, dtype: str | None = None,
-           bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024
+           bnb: bool = True, gguf: bool = True, width: int = 1024, height: int = 1024, fp8: bool = False
            ) -> tuple[Plan | None, str, list[tuple[Plan, str]]]:
     """auto: the first usable candidate that fits; (plan or None, why, every candidate)."""
     if gpu is None:
@@ -755,7 +776,7 @@ def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, 
         if not plan.fits:
             why += f" ({plan.verdict()})"
         return plan, why, [(plan, "")]
-    options = candidates(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height)
+    options = candidates(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height, fp8=fp8)
     for plan, why_not in options:
         if not why_not and plan.fits:
             return plan, (f"{plan.describe()}: GPU {gib(plan.gpu_peak)} of {gib(gpu.total_bytes)}, "
@@ -770,9 +791,10 @@ def choose(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, 
 
 def render_choice(model: ModelInfo, gpu: GpuSpec | None, ram_bytes: int | None = None, *, dtype: str | None = None,
                   bnb: bool = True, gguf: bool = True, profile: str = "auto", width: int = 1024,
-                  height: int = 1024) -> str:
+                  height: int = 1024, fp8: bool = False) -> str:
     """What --plan prints for one model: auto's choice (or the asked profile) and every candidate."""
-    plan, why, options = choose(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height)
+    plan, why, options = choose(model, gpu, ram_bytes, dtype=dtype, bnb=bnb, gguf=gguf, width=width, height=height,
+                                fp8=fp8)
     lines = [f"auto: {plan.profile if plan else 'nothing fits'} -- {why}", ""]
     shown = plan
     if profile != "auto" and gpu is None:

@@ -69,7 +69,9 @@ def image_metadata(params: dict[str, Any], *, seed: int, model: str, job_id: str
         "lora": ",".join(f"{lc['name']}:{lc['scale']:g}" for lc in loras),
         "job_id": job_id,
         "masuka_version": __version__,
-    }
+        # Older records have no speed: they were exact.
+        "speed": params.get("speed", "exact"),
+    } | {key: params[key] for key in ("cache", "cache_threshold") if key in params}
 
 
 def save_image(image: Image.Image, outputs_dir: Path, metadata: dict[str, Any], stem: str) -> Path:

@@ -54,9 +54,11 @@ def register_api(studio: Studio) -> None:
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
+        speed: str = "exact",
         request: gr.Request = None,
     ) -> tuple[list[FileData], dict]:
-        """Generate images. `lora` is a LoRA name or "name1:0.8,name2:0.5"; None means the model default."""
+        """Generate images. `lora` is a LoRA name or "name1:0.8,name2:0.5"; None means the model default.
+        `speed` is "exact" (the full computation) or "fast" (step caching: quicker, slightly different)."""
         try:
             req = studio.validate(
                 prompt=prompt,
@@ -68,6 +70,7 @@ def register_api(studio: Studio) -> None:
                 width=width,
                 height=height,
                 num_images=num_images,
+                speed=speed,
             )
             ticket = studio.submit(req, caller_of(request))
         except ValueError as exc:

@@ -44,7 +44,9 @@ QUEUE_FULL_RETRY_S = 30  # a guess: a few jobs' time; the queue frees up as jobs
 _USER_KEY = "masuka.rest.user"  # where the auth middleware leaves the login for the endpoints
 _RETRY_IN = re.compile(r"try again in (\d+) s")
 
-GENERATE_FIELDS = ("prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images")
+GENERATE_FIELDS = (
+    "prompt", "lora", "lora_scale", "seed", "steps", "guidance", "width", "height", "num_images", "speed",
+)
 
 
 def _field(default: Any, kind: str, description: str) -> Any:
@@ -68,6 +70,8 @@ class GenerateBody(BaseModel):
     width: Any = _field(None, "integer", "multiple of 16, 256-2048; null = the model's default")
     height: Any = _field(None, "integer", "multiple of 16, 256-2048; null = the model's default")
     num_images: Any = _field(1, "integer", "1-8")
+    speed: Any = _field("exact", "string", '"exact" (the full computation) or "fast" (step caching: quicker, '
+                        'slightly different images)')
 
 
 class RestError(Exception):

@@ -111,6 +111,7 @@ class FormSettings:
     height: int
     num_images: int = 1
     loras: list[tuple[str, float]] = field(default_factory=list)
+    speed: str = "exact"
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -130,6 +131,8 @@ def settings_from_record(record: dict[str, Any], defaults: ModelDefaults) -> For
         height=int(_pick(record.get("height"), defaults.height)),
         num_images=int(_pick(record.get("num_images"), 1)),
         loras=[(lc["name"], float(lc.get("scale", 1.0))) for lc in record.get("loras") or []],
+        # Jobs from before the speed choice were exact.
+        speed="fast" if (record.get("params") or {}).get("speed") == "fast" else "exact",
     )
 
 

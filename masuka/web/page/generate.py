@@ -95,10 +95,12 @@ class Form:
     height: gr.Slider
     num_images: gr.Slider
     aspect: gr.Radio
+    speed: gr.Radio
     loras: list[tuple[gr.Dropdown, gr.Slider]] = field(default_factory=list)
 
     def inputs(self) -> set[gr.components.Component]:
-        fields = {self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, self.num_images}
+        fields = {self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, self.num_images,
+                  self.speed}
         return fields | {c for pair in self.loras for c in pair}
 
     def targets(self) -> set[gr.components.Component]:
@@ -117,6 +119,7 @@ class Form:
             width=values[self.width],
             height=values[self.height],
             num_images=values[self.num_images],
+            speed=values[self.speed],
         )
 
     def fill(self, fs: FormSettings, choices: list[tuple[str, str]], presets: dict) -> dict:
@@ -130,6 +133,7 @@ class Form:
             self.height: fs.height,
             self.num_images: fs.num_images,
             self.aspect: aspect_of(fs.width, fs.height, presets),
+            self.speed: fs.speed,
         }
         extra = [(n, n) for n, _ in slots if n and (n, n) not in choices]  # a reused LoRA that is gone: the job says so
         for (name_box, scale_box), (name, scale) in zip(self.loras, slots):
@@ -408,6 +412,11 @@ def build_generate_tab(studio: Studio, presets: dict[str, tuple[int, int]], tabs
                         elem_id="guidance",
                     )
                 num_images = gr.Slider(IMAGES_MIN, IMAGES_MAX, value=1, step=1, label="Images", elem_id="num-images")
+                speed = gr.Radio(
+                    [("Exact", "exact"), ("Fast", "fast")], value="exact", label="Speed", elem_id="speed",
+                    info="Fast skips transformer steps whose change is small: quicker, slightly different images. "
+                    "Exact is the full computation.",
+                )
             with gr.Row(equal_height=True):
                 seed = gr.Number(
                     value=-1, label="Seed (-1 = random)", precision=0, minimum=-1, maximum=MAX_SEED, elem_id="seed",
@@ -474,7 +483,7 @@ def build_generate_tab(studio: Studio, presets: dict[str, tuple[int, int]], tabs
         studio=studio,
         presets=presets,
         tabs=tabs,
-        form=Form(prompt, seed, steps, guidance, width, height, num_images, aspect, loras),
+        form=Form(prompt, seed, steps, guidance, width, height, num_images, aspect, speed, loras),
         gallery=gallery,
         status=status,
         picked_seed=picked_seed,
