@@ -94,9 +94,7 @@ class Studio:
         self, request: GenerateRequest, caller: Caller, on_step: StepCallback | None = None
     ) -> GenerationResult:
         """Queue and wait: the result, or JobFailed."""
-        ticket = self.submit(request, caller, on_step)
-        ticket.done.wait()
-        return self.runner.collect(ticket)
+        return self.outcome(self.submit(request, caller, on_step))
 
     def outcome(self, ticket: Ticket) -> GenerationResult:
         """Wait for a submitted job's end: the result, or JobFailed."""

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from masuka.core.ratelimit import RateLimited
-from masuka.core.runner import JobFailed, QueueFull, Ticket
+from masuka.core.runner import QueueFull, Ticket
 from masuka.store.jobs import JOB_STATUSES, JobNotFound
 from masuka.studio import Caller, NotYourJob, Studio
 from masuka.web.guards import LoginGuard, LoginLocked, client_address
@@ -208,17 +208,6 @@ def rest_record(studio: Studio, job_id: str, request: Request) -> dict[str, Any]
     return record
 
 
-def _collect(studio: Studio, ticket: Ticket, on_done: Callable[[], None] | None) -> None:
-    """Wait for a job's end and collect it from the runner (the store already holds how it ended)."""
-    try:
-        studio.outcome(ticket)
-    except JobFailed:
-        pass  # recorded with its error and traceback; the record says so
-    finally:
-        if on_done is not None:
-            on_done()
-
-
 def _setter(event: asyncio.Event, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """A callback for another thread that sets `event` in its loop."""
 
@@ -305,14 +294,14 @@ def create_rest_app(
                 raise RestError(422, str(exc), parameter=parameter_of(str(exc))) from None
 
         ticket = await run_in_threadpool(submit)
-        ended = asyncio.Event() if wait else None
-        on_done = _setter(ended, asyncio.get_running_loop()) if ended is not None else None
-        # Every REST job is collected from the runner when it ends (a polled job too); one
-        # thread per job in the queue, so at most the queue's size plus one.
-        threading.Thread(
-            target=_collect, args=(studio, ticket, on_done), name=f"masuka-rest-{ticket.job_id}", daemon=True
-        ).start()
-        if ended is not None:
+        if wait:
+            # The runner forgets a job once it ends; here only the waiting request needs waking.
+            # A thread of its own, not the threadpool: a long wait must not hold a worker others need.
+            ended = asyncio.Event()
+            set_ended = _setter(ended, asyncio.get_running_loop())
+            threading.Thread(
+                target=lambda: (ticket.done.wait(), set_ended()), name=f"masuka-rest-{ticket.job_id}", daemon=True
+            ).start()
             await ended.wait()
         record = await run_in_threadpool(rest_record, studio, ticket.job_id, request)
         location = f"{_root(request)}/jobs/{ticket.job_id}"
